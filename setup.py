@@ -1,0 +1,36 @@
+"""EVE trainer: encoder-free vision-language models (model library, training engine, curation)."""
+
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "train": ["deepspeed>=0.14", "webdataset>=0.2.86", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7"],
+    "curate": [
+        "open_clip_torch>=2.24",
+        "faiss-cpu>=1.8",
+        "scikit-learn>=1.3",
+        "timm>=1.0",
+        "webdataset>=0.2.86",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    "gpu": ["flash-attn>=2.5", "faiss-gpu>=1.7"],
+    "dev": ["pytest>=8", "ruff>=0.5", "scikit-image>=0.22", "gguf>=0.10"],
+}
+
+setup(
+    name="eve-trainer",
+    version="0.1.0",
+    description="Open trainer for encoder-free vision-language models (EVE)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["eve", "eve.*", "train", "train.*", "data_curation", "data_curation.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "pillow>=10",
+        "numpy>=1.24",
+    ],
+    extras_require=EXTRAS,
+)
