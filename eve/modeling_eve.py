@@ -1,0 +1,372 @@
+"""EveForCausalLM: a Llama decoder that reads images through the patch embedding layer (PEL)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationMixin,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from eve.configuration_eve import EveConfig
+from eve.patch_embedding import EvePatchEmbedding, ImageLayout
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EveCausalLMOutputWithPast(ModelOutput):
+    """Output of EveForCausalLM.forward."""
+
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over the supervised (shifted, != -100) tokens of the batch."""
+    logits: torch.Tensor | None = None
+    """(B, T', V) next-token logits; None when labels are given (the head runs at supervised rows only)."""
+    past_key_values: Cache | None = None
+    """The KV cache when use_cache."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """All (B, T, D) hidden states when output_hidden_states (HF convention)."""
+    attentions: tuple[torch.Tensor, ...] | None = None
+    """Attention weights when output_attentions (eager attention only)."""
+    n_loss_tokens: torch.Tensor | None = None
+    """Number of supervised tokens averaged in loss (for exact token-weighted averaging across ranks)."""
+    image_hidden_states: tuple[torch.Tensor, ...] | None = None
+    """One (N, D) tensor per requested image_hidden_layers index: patch tokens only, image order, raster."""
+
+
+class ImageHiddenStateCollector:
+    """Forward hooks that keep only the image patch rows of chosen decoder layers, during one forward."""
+
+    def __init__(self, model: LlamaModel, layers: list[int], patch_rows: torch.Tensor):
+        n_layers = len(model.layers)
+        self.order = [i % (n_layers + 1) if -(n_layers + 1) <= i <= n_layers else None for i in layers]
+        if None in self.order:
+            raise ValueError(
+                f"image_hidden_layers {layers} out of range for {n_layers} layers (0..{n_layers})."
+            )
+        self.patch_rows = patch_rows  # (N,) rows of the flattened (B*T) sequence
+        self.states: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for index in set(self.order):
+            # HF index k >= 1 is the output of decoder layer k-1, except index L: after the final norm.
+            if index == n_layers:
+                module = model.norm
+            elif index > 0:
+                module = model.layers[index - 1]
+            else:
+                continue  # index 0 (the spliced embeddings) is taken before the decoder runs
+            self.handles.append(module.register_forward_hook(self._hook(index)))
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            # transformers checkpoints a layer's `forward`, not `__call__`, so this hook runs once per
+            # forward, outside the recomputation; the handles are also removed when forward returns, so a
+            # checkpointing wrapper that re-ran hooks during backward could not add a second copy.
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.add(index, hidden)
+
+        return hook
+
+    def add(self, index: int, hidden: torch.Tensor) -> None:
+        """Keep the patch rows of a (B, T, D) hidden state."""
+        self.states[index] = hidden.flatten(0, 1)[self.patch_rows]  # (N, D)
+
+    def result(self) -> tuple[torch.Tensor, ...]:
+        """The gathered states in the order they were asked for."""
+        return tuple(self.states[i] for i in self.order)
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class EveForCausalLM(PreTrainedModel, GenerationMixin):
+    """EVE: LlamaModel + lm_head + patch embedding layer; image features replace image-token runs."""
+
+    config_class = EveConfig
+    config: EveConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EveConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)  # the LLM decoder (embeddings, layers, final norm)
+        self.vision_tower = EvePatchEmbedding(config)  # PEL + projector
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------
+    # Initialisation
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The one place that sets every starting value (the LlamaModel submodel keeps the HF Llama init)."""
+        vision = {id(m) for m in self.vision_tower.modules()} if hasattr(self, "vision_tower") else set()
+        if isinstance(module, EvePatchEmbedding):
+            # Official EVE: CLS and SPL start as torch.randn(C).
+            init.normal_(module.class_embedding, mean=0.0, std=1.0)
+            init.normal_(module.split_embedding, mean=0.0, std=1.0)
+        elif id(module) in vision and isinstance(module, (nn.Linear, nn.Conv2d)):
+            # Official EVE builds the PEL and projector with PyTorch's default init, not N(0, 0.02).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        elif id(module) in vision and isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)  # lm_head: N(0, initializer_range)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The LLM token embedding."""
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the LLM token embedding."""
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head."""
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        """Replace the LM head."""
+        self.lm_head = value
+
+    # ----------------------------------------------------------------------------------------------
+    # Inputs
+    def _check_image_runs(self, image_mask: torch.Tensor, image_grid_hw: torch.Tensor | None) -> None:
+        """Raise a ValueError unless the image-token runs match the images' 1 + h*(w+1) token counts."""
+        # Runs of image tokens, row by row; a False column between rows keeps runs from merging.
+        flat = F.pad(image_mask, (0, 1)).flatten().to(torch.int8)
+        edges = torch.diff(flat, prepend=flat.new_zeros(1))
+        starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+        got = (ends - starts).tolist()
+        grid = [] if image_grid_hw is None else image_grid_hw.detach().to("cpu").tolist()
+        want = [self.config.num_image_tokens(h, w) for h, w in grid]
+        if got != want:
+            raise ValueError(
+                f"input_ids hold {len(got)} image-token runs of lengths {got} (sum {sum(got)}, id "
+                f"{self.config.image_token_index}), but the {len(want)} images given (image_grid_hw {grid}) need "
+                f"runs of {want} (sum {sum(want)}; 1 + h*(w+1) each). Expand each <image> with EveProcessor and "
+                "pass exactly the images of those placeholders, in order."
+            )
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        layout: ImageLayout | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the PEL output scattered into the image-token runs: (B, T, D)."""
+        image_mask = input_ids == self.config.image_token_index  # (B, T)
+        embeds = self.model.embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        has_images = pixel_values is not None and image_grid_hw is not None and image_grid_hw.shape[0] > 0
+        if has_images or bool(image_mask.any()):
+            self._check_image_runs(image_mask, image_grid_hw if has_images else None)
+        if has_images:
+            features = self.vision_tower(pixel_values, image_grid_hw, layout)  # (N_img_tokens, D)
+            embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        elif self.training and torch.is_grad_enabled():
+            # A text-only batch still runs the PEL on one 1x1-grid dummy image, weighted by zero, so that
+            # every rank touches the same parameters (ZeRO-3 gathers, DDP unused-parameter checks).
+            p, s = self.config.vision_patch_size, self.config.vision_conv_stride
+            dummy = embeds.new_zeros(s * s, 3 * p * p)
+            grid = torch.ones(1, 2, dtype=torch.long)
+            embeds = embeds + 0.0 * self.vision_tower(dummy, grid).sum()
+        return embeds
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        image_hidden_layers: list[int] | tuple[int, ...] | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> EveCausalLMOutputWithPast:
+        """Splice images into the sequence, run the decoder, return logits or the supervised-token loss."""
+        packed = attention_mask is None and position_ids is not None
+        if use_cache is None:
+            # transformers only builds the block-diagonal mask of packed rows without a cache.
+            use_cache = self.config.use_cache and labels is None and not packed and not self.training
+        has_images = pixel_values is not None and image_grid_hw is not None and image_grid_hw.shape[0] > 0
+        layout = self.vision_tower.layout(image_grid_hw) if has_images else None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (or inputs_embeds).")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hw, layout)
+
+        collector = None
+        if image_hidden_layers:
+            if input_ids is None or layout is None:
+                raise ValueError(
+                    "image_hidden_layers needs input_ids with image tokens and their pixel_values."
+                )
+            image_rows = torch.nonzero((input_ids == self.config.image_token_index).flatten()).flatten()
+            collector = ImageHiddenStateCollector(
+                self.model, list(image_hidden_layers), image_rows[layout.is_patch]
+            )
+            if 0 in collector.order:
+                collector.add(0, inputs_embeds)
+        try:
+            outputs = self.model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            if collector is not None:
+                collector.remove()
+        hidden = outputs.last_hidden_state  # (B, T, D)
+
+        loss = logits = n_loss_tokens = None
+        if labels is not None:
+            loss, n_loss_tokens = self._supervised_loss(hidden, labels, position_ids if packed else None)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep])  # (B, T', V)
+
+        return EveCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            n_loss_tokens=n_loss_tokens,
+            image_hidden_states=collector.result() if collector is not None else None,
+        )
+
+    def _supervised_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean CE over shifted labels != -100, with the LM head only at those rows; and their count."""
+        targets = labels[:, 1:]  # (B, T-1): token t predicts label t+1
+        supervised = targets != IGNORE_INDEX
+        if position_ids is not None:
+            # In a packed row the last token of a sample must not predict the next sample's first one.
+            supervised &= position_ids.expand_as(labels)[:, 1:] != 0
+        rows = hidden[:, :-1][supervised]  # (n, D)
+        n_loss_tokens = supervised.sum()
+        logits = self.lm_head(rows).float()  # (n, V); fp32 for a stable log-softmax
+        if rows.shape[0] == 0:
+            return logits.sum() * 0.0, n_loss_tokens  # keeps the graph (and every rank's collectives) alive
+        return F.cross_entropy(logits, targets[supervised]), n_loss_tokens
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """HF generation inputs; pixels (and their grids) only on the prefill step."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if model_inputs.get("pixel_values") is None:
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("image_grid_hw", None)
+        return model_inputs
+
+    # ----------------------------------------------------------------------------------------------
+    # Building from a plain LLM
+    @classmethod
+    def from_llm(
+        cls,
+        path_or_model: str | Path | PreTrainedModel,
+        gguf_file: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **eve_overrides,
+    ) -> EveForCausalLM:
+        """EVE from a plain Llama/Vicuna checkpoint dir (or GGUF): LLM weights copied, PEL/projector initialised."""
+        if isinstance(path_or_model, PreTrainedModel):
+            llm = path_or_model
+        else:
+            load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+            if dtype is not None:
+                load_kwargs["dtype"] = dtype
+            llm = AutoModelForCausalLM.from_pretrained(str(path_or_model), **load_kwargs)
+        if llm.config.model_type != "llama":
+            raise ValueError(
+                f"from_llm needs a Llama-architecture LLM (Llama, Vicuna, SmolLM2); got model_type "
+                f"{llm.config.model_type!r} from {path_or_model!r}."
+            )
+        text_fields = {
+            k: getattr(llm.config, k) for k in LlamaConfig.__dataclass_fields__ if k in _LLAMA_TEXT_FIELDS
+        }
+        config = EveConfig(**{**text_fields, **eve_overrides})
+        config._attn_implementation = eve_overrides.get(
+            "attn_implementation", llm.config._attn_implementation
+        )
+        with init.no_init_weights():  # the LLM part is overwritten below; only the PEL needs an init
+            model = cls(config)
+        model.model.load_state_dict(llm.model.state_dict())
+        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+        model.vision_tower.apply(model._init_weights)
+        model.tie_weights()
+        model.to(dtype=llm.dtype)
+        logger.info(
+            "Built EVE from %s: LLM %.1fM params copied, PEL + projector %.2fM params initialised.",
+            getattr(llm.config, "_name_or_path", "an in-memory LLM"),
+            sum(p.numel() for p in model.model.parameters()) / 1e6,
+            sum(p.numel() for p in model.vision_tower.parameters()) / 1e6,
+        )
+        return model
+
+
+# The Llama fields that describe the text model (not generic PreTrainedConfig settings).
+_LLAMA_TEXT_FIELDS = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "head_dim",
+}
+
+AutoModelForCausalLM.register(EveConfig, EveForCausalLM)
