@@ -1,0 +1,159 @@
+"""Chat with an exported EVE checkpoint: one-shot or an interactive multi-turn REPL.
+
+    python -m eve.chat --model runs/demo/sft/export --image photo.png --prompt "What is in the image?"
+    python -m eve.chat --model runs/demo/sft/export [--image photo.png]      # interactive
+
+REPL commands: `/image PATH` (switch image; starts a new conversation, since the model sees one
+image at the start of a conversation), `/reset` (forget the conversation), `/quit`, `/help`.
+Greedy by default; `--temperature T > 0` samples (with `--top-p`). Template `vicuna_v1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image
+
+from eve.eval.runner import generate, load_model, open_image
+from eve.templates import GPT, HUMAN, IMAGE_PLACEHOLDER, conversation_to_pieces
+
+logger = logging.getLogger(__name__)
+
+HELP = "commands: /image PATH (new conversation about PATH), /reset, /quit, /help"
+
+
+class ChatSession:
+    """A multi-turn conversation about at most one image, kept as LLaVA turns."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        template: str = "vicuna_v1",
+        image: Image.Image | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ):
+        self.model, self.processor, self.template = model, processor, template
+        self.image = image
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.turns: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        """Forget the conversation (the image stays)."""
+        self.turns = []
+
+    def set_image(self, image: Image.Image | None) -> None:
+        """Switch to another image and start a new conversation about it."""
+        self.image = image
+        self.reset()
+
+    def prompt(self, message: str) -> str:
+        """The full generation prompt: the history plus `message` as the next user turn."""
+        value = message
+        if not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message:
+            value = f"{IMAGE_PLACEHOLDER}\n{message}"
+        turns = self.turns + [{"from": HUMAN, "value": value}]
+        return "".join(
+            text for text, _ in conversation_to_pieces(turns, self.template, add_generation_prompt=True)
+        )
+
+    def ask(self, message: str) -> str:
+        """The model's answer to `message`; both are appended to the history."""
+        prompt = self.prompt(message)
+        kwargs = {}
+        if self.temperature > 0:
+            kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        [answer] = generate(self.model, self.processor, [prompt], [self.image], self.max_new_tokens, **kwargs)
+        first = not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message
+        self.turns += [
+            {"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{message}" if first else message},
+            {"from": GPT, "value": answer},
+        ]
+        return answer
+
+
+def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Read user lines from `stdin` until /quit or end of input; write answers to `stdout`."""
+    interactive = stdin.isatty()
+    if interactive:
+        stdout.write(f"EVE chat ({HELP})\n")
+    while True:
+        if interactive:
+            stdout.write("USER: ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/help":
+            stdout.write(HELP + "\n")
+        elif line == "/reset":
+            session.reset()
+            stdout.write("(conversation reset)\n")
+        elif line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            try:
+                session.set_image(open_image(path) if path else None)
+                stdout.write(
+                    f"(new conversation about {path})\n" if path else "(no image; new conversation)\n"
+                )
+            except OSError as e:
+                stdout.write(f"error: {e}\n")
+        elif line.startswith("/"):
+            stdout.write(f"unknown command {line.split()[0]!r}; {HELP}\n")
+        else:
+            stdout.write(f"ASSISTANT: {session.ask(line)}\n")
+        stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m eve.chat` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m eve.chat", description="Chat with an exported EVE checkpoint."
+    )
+    p.add_argument("--model", required=True, help="exported checkpoint directory")
+    p.add_argument("--image", default=None, help="image to talk about")
+    p.add_argument("--prompt", default=None, help="ask once, print the answer and exit (else interactive)")
+    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    torch.manual_seed(args.seed)
+    if args.image and not Path(args.image).is_file():
+        raise FileNotFoundError(f"{args.image}: no such image; pass --image to an image file")
+    model, processor = load_model(args.model, args.device, args.dtype)
+    image = open_image(args.image) if args.image else None
+    session = ChatSession(
+        model, processor, args.template, image, args.max_new_tokens, args.temperature, args.top_p
+    )
+    if args.prompt is not None:
+        print(session.ask(args.prompt))
+    else:
+        repl(session)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

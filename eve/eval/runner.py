@@ -1,0 +1,267 @@
+"""Evaluate an exported EVE checkpoint on a benchmark: greedy batched generation, JSON + table.
+
+`python -m eve.eval --model DIR --benchmark NAME [--data PATH] [--image-root DIR] --out DIR
+[--batch-size N] [--limit N] [--max-new-tokens N]` writes `{out}/{benchmark}.json`
+(`{"accuracy", "n", "per_category", ...benchmark metrics}`) and `{out}/{benchmark}_predictions.jsonl`,
+and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from eve.eval.benchmarks import (
+    BENCHMARKS,
+    EvalSample,
+    build_question,
+    get_benchmark,
+    load_samples,
+    score_predictions,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> tuple:
+    """(model, processor) from one exported directory; bf16 on CUDA and fp32 on CPU by default."""
+    from eve import EveForCausalLM, EveProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: no config.json; pass --model to an exported checkpoint (e.g. runs/demo/sft/export)"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = (
+        getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
+    model = EveForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    processor = EveProcessor.from_pretrained(model_dir)
+    return model, processor
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A fully loaded PIL image; the error names the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"{path}: cannot read image ({e}); check the file or remove it from the benchmark"
+        ) from e
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    processor,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | None],
+    max_new_tokens: int = 16,
+    **generate_kwargs,
+) -> list[str]:
+    """Answers to a batch of ready-made prompts (left-padded; one image or None per prompt)."""
+    with_image = [im for im in images if im is not None]
+    if with_image and len(with_image) != len(images):
+        raise ValueError("a batch mixes prompts with and without an image; batch them separately")
+    batch = processor(list(prompts), with_image or None, padding_side="left")
+    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixel_values" in batch and batch["pixel_values"] is not None:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    tok = processor.tokenizer
+    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id}
+    kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kwargs.update(generate_kwargs)
+    out = model.generate(**batch, **kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1] :]  # generate returns prompt + new tokens
+    return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _length_key(sample: EvalSample, prompt: str) -> tuple:
+    """Sort key that puts prompts of equal image grid and similar text length together."""
+    if sample.image is None:
+        return (0, 0.0, len(prompt))
+    with Image.open(sample.image) as im:  # reads the header only
+        w, h = im.size
+    return (1, round(w / h, 2), len(prompt))
+
+
+def predict(
+    model,
+    processor,
+    samples: Sequence[EvalSample],
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    template: str = "vicuna_v1",
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers for `samples`, in their order; generated in length-sorted batches."""
+    from tqdm.auto import tqdm
+
+    prompts = [processor.build_prompt(build_question(s), template, s.image is not None) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: _length_key(samples[i], prompts[i]))
+    preds: list[str] = [""] * len(samples)
+    bar = tqdm(total=len(samples), unit="q", desc="eval", disable=not progress)
+    start = 0
+    while start < len(order):
+        # A batch never mixes image and text-only prompts (first key element).
+        idx = [order[start]]
+        while len(idx) < batch_size and start + len(idx) < len(order):
+            nxt = order[start + len(idx)]
+            if (samples[nxt].image is None) != (samples[idx[0]].image is None):
+                break
+            idx.append(nxt)
+        images = [open_image(samples[i].image) if samples[i].image is not None else None for i in idx]
+        answers = generate(model, processor, [prompts[i] for i in idx], images, max_new_tokens)
+        for i, a in zip(idx, answers):
+            preds[i] = a
+        start += len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return preds
+
+
+def evaluate(
+    model_dir: str | Path,
+    benchmark: str,
+    out_dir: str | Path,
+    data: str | Path | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    max_new_tokens: int = 16,
+    template: str = "vicuna_v1",
+    device: str | None = None,
+    dtype: str | None = None,
+    model_and_processor: tuple | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run one benchmark end to end; write `{benchmark}.json` and predictions; return the result."""
+    spec = get_benchmark(benchmark)
+    samples, data_path = load_samples(
+        spec, Path(data) if data else None, Path(image_root) if image_root else None
+    )
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise ValueError(f"{data_path}: no {benchmark} samples to evaluate")
+    logger.info(f"{benchmark}: {len(samples)} questions from {data_path}")
+    model, processor = model_and_processor or load_model(model_dir, device, dtype)
+    t0 = time.perf_counter()
+    preds = predict(model, processor, samples, batch_size, max_new_tokens, template, progress)
+    seconds = time.perf_counter() - t0
+    result, scores = score_predictions(spec, samples, preds, data_path)
+    result.update(
+        model=str(model_dir),
+        data=str(data_path),
+        generation={
+            "greedy": True,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "template": template,
+        },
+        seconds=round(seconds, 2),
+        questions_per_s=round(len(samples) / max(seconds, 1e-9), 2),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{benchmark}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with (out / f"{benchmark}_predictions.jsonl").open("w") as f:
+        for s, p, sc in zip(samples, preds, scores):
+            row = {"id": s.id, "image": str(s.image) if s.image else None, "question": s.question}
+            row.update(choices=s.choices, answers=s.answers, prediction=p, score=sc, category=s.category)
+            f.write(json.dumps(row) + "\n")
+    logger.info(f"wrote {out / f'{benchmark}.json'} and {out / f'{benchmark}_predictions.jsonl'}")
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:6.1f}%"
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: overall and per-category accuracy, baselines and extra metrics."""
+    base = result.get("baselines", {})
+    cols = ["model"] + [k.replace("_", "-") for k in base]
+    lines = [
+        f"{result.get('benchmark', '')} (n = {result['n']})",
+        f"{'':24}" + "".join(f"{c:>15}" for c in cols),
+    ]
+
+    def row(name: str, acc: float, n: int, cat: str | None) -> str:
+        vals = [acc] + [
+            (b if cat is None else b["per_category"].get(cat, {})).get("accuracy") for b in base.values()
+        ]
+        return f"{name + f' ({n})':24}" + "".join(f"{_pct(v):>15}" for v in vals)
+
+    lines.append(row("overall", result["accuracy"], result["n"], None))
+    for cat, r in result["per_category"].items():
+        lines.append(row(f"  {cat}", r["accuracy"], r["n"], cat))
+    extra = [
+        k
+        for k in ("question_accuracy", "precision", "recall", "f1", "yes_ratio", "accuracy_2d", "accuracy_3d")
+        if result.get(k) is not None
+    ]
+    lines += [f"{k:24}{_pct(result[k]):>15}" for k in extra]
+    if "majority" in base:
+        lines.append(
+            f"(majority answer: {base['majority']['answer']!r}; question-only = most common train answer)"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m eve.eval` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m eve.eval", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model", required=True, help="exported checkpoint directory (save_pretrained + processor)"
+    )
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    p.add_argument(
+        "--data", default=None, help="benchmark file or folder (default: the embedded copy, if any)"
+    )
+    p.add_argument(
+        "--image-root", default=None, help="folder holding the benchmark's images, if not beside it"
+    )
+    p.add_argument("--out", required=True, help="output folder for {benchmark}.json and predictions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: evaluate, write the JSON, print the table."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    result = evaluate(
+        args.model,
+        args.benchmark,
+        args.out,
+        data=args.data,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    print(format_table(result))
+    return 0
