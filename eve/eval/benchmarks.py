@@ -153,11 +153,9 @@ def easy_vqa_category(answer: str) -> str:
 
 def default_easy_vqa_data() -> Path:
     """The test split shipped inside the installed `easy_vqa` package."""
-    try:
-        import easy_vqa
-    except ImportError as e:
-        raise ImportError("easy_vqa is not installed: `pip install easy-vqa==1.0` (or `make install`)") from e
-    return Path(easy_vqa.__file__).parent / "data" / "test"
+    from eve.assets import easy_vqa_dir
+
+    return easy_vqa_dir("test")
 
 
 def read_easy_vqa(path: Path, image_root: Path | None = None) -> list[EvalSample]:
