@@ -14,13 +14,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 import torch
 from PIL import Image
 
-from eve.eval.runner import generate, load_model, open_image
+from eve.eval.runner import generate, load_model
+from eve.image_processing_eve import ImageLoadError, load_image
 from eve.templates import GPT, HUMAN, IMAGE_PLACEHOLDER, conversation_to_pieces
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
         elif line.startswith("/image"):
             path = line[len("/image") :].strip()
             try:
-                session.set_image(open_image(path) if path else None)
+                session.set_image(load_image(path) if path else None)
                 stdout.write(
                     f"(new conversation about {path})\n" if path else "(no image; new conversation)\n"
                 )
-            except OSError as e:
+            except ImageLoadError as e:
                 stdout.write(f"error: {e}\n")
         elif line.startswith("/"):
             stdout.write(f"unknown command {line.split()[0]!r}; {HELP}\n")
@@ -141,10 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    if args.image and not Path(args.image).is_file():
-        raise FileNotFoundError(f"{args.image}: no such image; pass --image to an image file")
+    image = load_image(args.image) if args.image else None  # a bad path fails before the model loads
     model, processor = load_model(args.model, args.device, args.dtype)
-    image = open_image(args.image) if args.image else None
     session = ChatSession(
         model, processor, args.template, image, args.max_new_tokens, args.temperature, args.top_p
     )

@@ -26,6 +26,7 @@ from eve.eval.benchmarks import (
     load_samples,
     score_predictions,
 )
+from eve.image_processing_eve import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,6 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     model = EveForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     processor = EveProcessor.from_pretrained(model_dir)
     return model, processor
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """A fully loaded PIL image; the error names the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except (OSError, ValueError) as e:
-        raise OSError(
-            f"{path}: cannot read image ({e}); check the file or remove it from the benchmark"
-        ) from e
 
 
 @torch.inference_mode()
@@ -86,13 +75,13 @@ def generate(
     return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _length_key(sample: EvalSample, prompt: str) -> tuple:
-    """Sort key that puts prompts of equal image grid and similar text length together."""
+def _length_key(sample: EvalSample, prompt: str, image_processor) -> tuple:
+    """Sort key: text-only first, then by image-token count (from the image header), then text length."""
     if sample.image is None:
-        return (0, 0.0, len(prompt))
+        return (0, 0, len(prompt))
     with Image.open(sample.image) as im:  # reads the header only
         w, h = im.size
-    return (1, round(w / h, 2), len(prompt))
+    return (1, image_processor.num_image_tokens(*image_processor.grid_hw(h, w)), len(prompt))
 
 
 def predict(
@@ -108,8 +97,10 @@ def predict(
     from tqdm.auto import tqdm
 
     prompts = [processor.build_prompt(build_question(s), template, s.image is not None) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: _length_key(samples[i], prompts[i]))
+    ip = processor.image_processor
+    order = sorted(range(len(samples)), key=lambda i: _length_key(samples[i], prompts[i], ip))
     preds: list[str] = [""] * len(samples)
+    unreadable: list[str] = []
     bar = tqdm(total=len(samples), unit="q", desc="eval", disable=not progress)
     start = 0
     while start < len(order):
@@ -120,13 +111,25 @@ def predict(
             if (samples[nxt].image is None) != (samples[idx[0]].image is None):
                 break
             idx.append(nxt)
-        images = [open_image(samples[i].image) if samples[i].image is not None else None for i in idx]
-        answers = generate(model, processor, [prompts[i] for i in idx], images, max_new_tokens)
-        for i, a in zip(idx, answers):
-            preds[i] = a
         start += len(idx)
         bar.update(len(idx))
+        kept, images = [], []
+        for i in idx:
+            try:
+                images.append(load_image(samples[i].image) if samples[i].image is not None else None)
+                kept.append(i)
+            except ImageLoadError as e:  # a bad image costs its question, never the run
+                logger.warning(f"{e} (question {samples[i].id} scored as wrong)")
+                unreadable.append(samples[i].id)
+        if kept:
+            answers = generate(model, processor, [prompts[i] for i in kept], images, max_new_tokens)
+            for i, a in zip(kept, answers):
+                preds[i] = a
     bar.close()
+    if unreadable:
+        logger.warning(
+            f"{len(unreadable)} questions had unreadable images (first: {unreadable[0]}); scored as wrong"
+        )
     return preds
 
 
