@@ -1,0 +1,404 @@
+"""Run configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+
+    python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --data.max_length 512
+
+Every setting is a declared field with a docstring; an unknown key (in a file or on the command line)
+is an error that names the key and where it came from. Values are coerced by the field's type, so
+`4e-4` (a string to YAML 1.1) is a float where a float is expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from train.teacher import TeacherConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be loaded: the message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to build it."""
+
+    preset: str = "tiny"
+    """`EveConfig` preset ("tiny", "eve-7b", "eve-7b-hd") used when a new model is built from an LLM."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """`EveConfig` field overrides applied on top of the preset (only when a new model is built)."""
+    init_path: str | None = None
+    """Export directory of the previous stage (stage 2: stage 1's `export/`, SFT: stage 2's)."""
+    llm_path: str | None = None
+    """Stage 1: a Llama/Vicuna directory (or the directory of `gguf_file`). None: a randomly
+    initialised LLM of the preset (tiny CPU runs only)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `llm_path` (e.g. the embedded SmolLM2), or None for safetensors."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; None: the init/LLM directory's tokenizer, else the embedded Llama one."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: "sdpa", "eager" or "flash_attention_2"."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype. Under DeepSpeed "bfloat16" turns on its bf16 mode (fp32 master weights)."""
+
+
+@dataclass
+class StageConfig:
+    """Which row of the stage table (train/stages.py) this run is."""
+
+    name: str = "stage1"
+    """"stage1", "stage2" or "sft"; must match the entry script."""
+
+
+@dataclass
+class DataConfig:
+    """Training data and batching."""
+
+    shards: list[str] = field(default_factory=list)
+    """Webdataset tar shards (glob patterns) of image + caption pairs (stages 1-2)."""
+    json: str | None = None
+    """LLaVA-format JSON (SFT; also accepted for stages 1-2)."""
+    image_root: str | None = None
+    """Directory that the JSON's relative image paths are resolved against (paths may not escape it)."""
+    template: str | None = None
+    """Conversation template ("plain", "vicuna_v1"); None: the stage's default."""
+    max_length: int = 2048
+    """Longest sample in tokens (image tokens included); longer samples are skipped and counted."""
+    packing: bool = True
+    """Pack several samples per row (attention never crosses samples); False pads each sample."""
+    shuffle: bool = True
+    """Shuffle samples (seeded by `train.seed`, resumable)."""
+    workers: int = 0
+    """DataLoader worker processes (0: load in the training process)."""
+    max_samples: int | None = None
+    """Use only the first N samples (quick runs)."""
+
+
+@dataclass
+class AligningConfig:
+    """Patch Aligning Layer (one head per teacher)."""
+
+    layer_step: int = 4
+    """Read LLM hidden states every `layer_step` layers: L, L-step, ..., 0."""
+    num_heads: int = 8
+    """Heads of the cross-layer attention."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 4e-4
+    """Peak learning rate (after warm-up)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner"), on top of the stage table."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (EVE: 0)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent in linear warm-up from 0."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Decay after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes, length, checkpoints, distributed."""
+
+    global_batch_size: int = 512
+    """Samples per optimizer step over all ranks (= micro_batch_size * grad_accum * world size)."""
+    micro_batch_size: int = 4
+    """Samples per forward pass on one rank (packed into as few rows as fit when packing)."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step; None: derived from the batch sizes and the world size."""
+    max_steps: int | None = None
+    """Optimizer steps; None: `epochs` passes over the data."""
+    epochs: float = 1.0
+    """Passes over the data when `max_steps` is None."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and every random number of the run."""
+    log_every: int = 1
+    """Write metrics.jsonl every N steps."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept (older ones are deleted)."""
+    output_dir: str = "runs/demo/stage1"
+    """Run directory: metrics.jsonl, checkpoints/, export/."""
+    resume: str | None = None
+    """"auto": the latest checkpoint in output_dir (if any); a path: that checkpoint; None: start fresh."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON (configs/deepspeed/zero2.json or zero3.json); None: plain single-process loop."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (output_dir/tb) when it is installed."""
+    stop_after: int | None = None
+    """Stop after this many optimizer steps without exporting, as if interrupted (tests, debugging)."""
+
+
+@dataclass
+class ExportConfig:
+    """The final `save_pretrained` directory."""
+
+    enabled: bool = True
+    """Export at the end of the run."""
+    dir: str = "export"
+    """Directory name inside output_dir."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model construction."""
+    stage: StageConfig = field(default_factory=StageConfig)
+    """Stage (row of train/stages.py)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and batching."""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    """Frozen teachers, each with its own aligning head and loss weight (empty: no aligning loss)."""
+    aligning: AligningConfig = field(default_factory=AligningConfig)
+    """Patch Aligning Layer shape."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Export at the end."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """`value` as type `tp` (recursing into dataclasses and containers) or a ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{source}: '{key}' may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: bad value for '{key}': {value!r}")
+    if value is None:
+        raise ConfigError(f"{source}: '{key}' may not be null (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}.{i}", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}.{i}", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            number = tp(value) if not (tp is int and isinstance(value, float)) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(
+                f"{source}: '{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}"
+            )
+        return number
+    if tp is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{source}: unsupported field type {tp} for '{key}'")
+
+
+def _build(cls: type, data: Any, key: str, source: str) -> Any:
+    """A `cls` dataclass from a mapping; unknown keys are errors."""
+    where = f"'{key}'" if key else "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in names:
+            full = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{source}: unknown key '{full}' (known keys of {where}: {', '.join(names)})")
+    kwargs = {
+        name: _coerce(hints[name], value, f"{key}.{name}" if key else name, source)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    """tree[a][b][c] = value for dotted 'a.b.c' (list items by index)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is not an item of the list")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[:i])}' is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _parse_cli_value(text: str) -> Any:
+    """A command-line value: YAML for lists, null and booleans; numbers are coerced later by type."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, dict) else value
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """(config path, [(dotted key, value)]) from `--config X --a.b v --c.d=v --resume [auto|path]`."""
+    config_path, overrides = None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if key == "resume" and not takes_value:  # bare --resume = the latest checkpoint
+                value = "auto"
+            elif not takes_value:
+                raise ConfigError(f"command line: --{key} needs a value")
+            else:
+                value = argv[i + 1]
+                i += 1
+        i += 1
+        if key == "config":
+            config_path = value
+        elif key == "resume":
+            overrides.append(("train.resume", value))
+        else:
+            overrides.append((key, _parse_cli_value(value)))
+    return config_path, overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) plus dotted overrides."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        source = str(path)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    config = _build(RunConfig, tree, "", source)  # validates the file on its own first
+    if overrides:
+        for key, value in overrides:
+            _set_dotted(tree, key, value, "command line")
+        config = _build(RunConfig, tree, "", f"{source} + command line")
+    return config
+
+
+def config_from_argv(argv: list[str]) -> RunConfig:
+    """Parse `--config X.yaml --section.key value ...`."""
+    path, overrides = parse_overrides(argv)
+    return load_config(path, overrides)
+
+
+def config_to_dict(config: Any) -> dict:
+    """A plain (YAML/JSON-ready) dict of a config dataclass."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal under the field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text(cls: type = RunConfig, prefix: str = "") -> str:
+    """Every setting with its type, default and docstring (for --help)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{prefix}{f.name}] {docs.get(f.name, '')}")
+            lines.append(help_text(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '')}")
+    return "\n".join(lines)

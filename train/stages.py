@@ -1,0 +1,187 @@
+"""The three EVE stages as data (DESIGN.md section 2), and freezing / grouping through module handles.
+
+A stage names which module groups train and each group's learning-rate multiplier; the groups are
+resolved from the model's own submodules (`module_groups`), never from parameter-name substrings.
+The teacher is never a group: it lives outside the trained module and is always frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from train.train_logging import get_logger
+
+GROUPS = ("llm", "vision", "projector", "aligner")
+"""Every trained parameter belongs to exactly one of these groups."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    name: str
+    """Key in STAGES and the value of `stage.name` in the YAML."""
+    title: str
+    """What the paper calls it."""
+    trainable: Mapping[str, float]
+    """Trainable group -> learning-rate multiplier (of `optim.lr`); groups not listed are frozen."""
+    template: str
+    """Default conversation template."""
+    previous: str | None
+    """Stage whose export this one starts from (None: starts from an LLM)."""
+    make_target: str
+    """`make` target that runs this stage (named in 'run it first' errors)."""
+    losses: tuple[str, ...] = field(default=("ce", "align"))
+    """Loss terms: LM cross-entropy and the patch-aligning loss (on in all three stages)."""
+
+
+def _stage(name, title, trainable, template, previous, make_target) -> Stage:
+    return Stage(name, title, MappingProxyType(dict(trainable)), template, previous, make_target)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        _stage(
+            "stage1",
+            "LLM-guided pre-aligning",
+            {"vision": 1.0, "projector": 1.0, "aligner": 1.0},  # LLM frozen
+            "plain",
+            None,
+            "pretrain-stage1",
+        ),
+        _stage(
+            "stage2",
+            "generative pre-training",
+            {"llm": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
+            "plain",
+            "stage1",
+            "pretrain-stage2",
+        ),
+        _stage(
+            "sft",
+            "supervised fine-tuning",
+            {"llm": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
+            "vicuna_v1",
+            "stage2",
+            "sft",
+        ),
+    )
+}
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name`, or a ValueError listing the stages."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {sorted(STAGES)}")
+    return STAGES[name]
+
+
+def module_groups(model: nn.Module, aligners: nn.Module) -> dict[str, list[nn.Module]]:
+    """Group -> module handles of an EveForCausalLM and its aligning heads.
+
+    llm: token embeddings, decoder layers, final norm, LM head; vision: the patch embedding layer
+    (conv, CA1, CLS + CA2, SPL); projector: the PEL -> LLM MLP; aligner: every teacher's PAL head.
+    """
+    return {
+        "llm": [model.get_input_embeddings(), *model.language_model_modules(), model.get_output_embeddings()],
+        "vision": [model.vision_modules()],
+        "projector": [model.projector_module()],
+        "aligner": [aligners],
+    }
+
+
+def group_parameters(groups: dict[str, list[nn.Module]]) -> dict[str, list[nn.Parameter]]:
+    """Group -> its parameters (deduplicated: tied weights are counted once, in the first group)."""
+    seen: set[int] = set()
+    out: dict[str, list[nn.Parameter]] = {}
+    for name, modules in groups.items():
+        params = []
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        out[name] = params
+    return out
+
+
+def apply_stage(
+    stage: Stage,
+    trained: nn.Module,
+    groups: dict[str, list[nn.Module]],
+    lr: float,
+    lr_scale: Mapping[str, float],
+) -> list[dict]:
+    """Freeze what the stage freezes; return AdamW parameter groups (one per trainable group).
+
+    Every parameter of `trained` must fall in a group, so that nothing trains or freezes by accident.
+    """
+    unknown = set(lr_scale) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"optim.lr_scale names unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
+    params = group_parameters(groups)
+    grouped = {id(p) for ps in params.values() for p in ps}
+    stray = [n for n, p in trained.named_parameters() if id(p) not in grouped]
+    if stray:
+        raise ValueError(f"parameters outside every group (add their module to module_groups): {stray[:5]}")
+    trained.requires_grad_(False)
+    optim_groups = []
+    for name, ps in params.items():
+        if name in stage.trainable and ps:
+            for p in ps:
+                p.requires_grad_(True)
+            scale = stage.trainable[name] * lr_scale.get(name, 1.0)
+            optim_groups.append({"params": ps, "lr": lr * scale, "name": name})
+    return optim_groups
+
+
+def log_parameter_counts(
+    stage: Stage, groups: dict[str, list[nn.Module]], rank: int = 0
+) -> dict[str, tuple[int, int]]:
+    """Log (and return) group -> (trainable, total) parameter counts."""
+    logger = get_logger(__name__, rank)
+    counts = {}
+    for name, ps in group_parameters(groups).items():
+        counts[name] = (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps))
+    logger.info("stage %s (%s): trainable parameters per group", stage.name, stage.title)
+    for name, (trainable, total) in counts.items():
+        logger.info(
+            "  %-10s %14s / %14s %s", name, f"{trainable:,}", f"{total:,}", "" if trainable else "(frozen)"
+        )
+    total_trainable = sum(t for t, _ in counts.values())
+    logger.info(
+        "  %-10s %14s / %14s", "total", f"{total_trainable:,}", f"{sum(n for _, n in counts.values()):,}"
+    )
+    return counts
+
+
+def trainable_count(module: nn.Module) -> int:
+    """Number of trainable parameters of a module."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def frozen_check(module: nn.Module) -> None:
+    """Raise if any parameter of `module` (a teacher) could receive a gradient."""
+    live = [n for n, p in module.named_parameters() if p.requires_grad]
+    if live:
+        raise RuntimeError(f"teacher parameters must be frozen, found trainable: {live[:5]}")
+
+
+__all__ = [
+    "GROUPS",
+    "STAGES",
+    "Stage",
+    "apply_stage",
+    "frozen_check",
+    "get_stage",
+    "group_parameters",
+    "log_parameter_counts",
+    "module_groups",
+    "torch",
+]
