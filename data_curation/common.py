@@ -1,0 +1,188 @@
+"""Shared plumbing of the curation steps: ranks, atomic writes, file barriers, records, image decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger("data_curation")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def setup_logging() -> None:
+    """Log INFO on rank 0 and WARNING on other ranks, with the rank in every line."""
+    rank = get_rank()[0]
+    if logging.getLogger().handlers:
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        return
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [curation r{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def get_rank() -> tuple[int, int]:
+    """(rank, world size) from the torchrun / deepspeed environment (RANK, WORLD_SIZE); (0, 1) alone."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world}); fix the launcher environment")
+    return rank, world
+
+
+def my_shards(n_shards: int) -> list[int]:
+    """Input shards owned by this rank: shard i belongs to rank i % world size."""
+    rank, world = get_rank()
+    return [i for i in range(n_shards) if i % world == rank]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path` (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary name."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    """Write a JSON file through a temporary name."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write a JSONL file (one object per line) through a temporary name."""
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """np.save through a temporary name."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def wait_for_files(paths: list[Path], timeout_s: float, what: str) -> None:
+    """File-based barrier: wait until every path exists (written by other ranks), else fail loudly."""
+    start, delay = time.time(), 0.05
+    while True:
+        missing = [p for p in paths if not p.exists()]
+        if not missing:
+            return
+        if time.time() - start > timeout_s:
+            raise TimeoutError(
+                f"waited {timeout_s:.0f} s for {what}: {len(missing)} file(s) missing, e.g. {missing[0]}; "
+                "a rank probably died: re-run the same command (finished work is kept)"
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+def record_timing(out: Path, step: str, seconds: float, **extra: object) -> None:
+    """Store the wall time of a step on this rank under report/timings/."""
+    rank = get_rank()[0]
+    write_json_atomic(out / "report" / "timings" / f"{step}.rank{rank}.json", {"step": step, "seconds": seconds, "rank": rank, **extra})
+
+
+@dataclass
+class Record:
+    """One input image: where its bytes are and what the source says about it."""
+
+    key: str
+    """Unique id: `{source}/{path inside the source without extension}`."""
+    source: str
+    """Source name."""
+    path: str
+    """Image file, or the tar file holding it."""
+    offset: int = -1
+    """Byte offset of the image inside the tar (-1 for a plain file)."""
+    size: int = -1
+    """Byte length inside the tar (-1 for a plain file)."""
+    caption: str | None = None
+    """Caption given by the source, if any."""
+
+    def to_json(self) -> dict:
+        """As a JSON-able dict."""
+        return {k: v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Record:
+        """From a dict written by to_json."""
+        return cls(**d)
+
+    def read_bytes(self) -> bytes:
+        """The image file's bytes (random access into tars through the stored offset)."""
+        with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def where(self) -> str:
+        """Human-readable location for error messages."""
+        return self.path if self.offset < 0 else f"{self.path} (member of {self.key})"
+
+
+class ImageDecodeError(ValueError):
+    """An image file cannot be decoded; the message names the file."""
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Convert any PIL mode to RGB (16-bit, float, palette, CMYK, alpha); returns (image, converted)."""
+    if img.mode == "RGB":
+        return img, False
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit greyscale: scale the actual range to 8 bits (PIL has no direct RGB path).
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.round().astype(np.uint8), "L").convert("RGB"), True
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Alpha over white, as a viewer would show it.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB"), True
+    return img.convert("RGB"), True
+
+
+def decode_image(data: bytes, where: str, draft_size: int | None = None) -> tuple[Image.Image, str, str, bool]:
+    """Fully decode image bytes to RGB: (image, format, original mode, converted). Raises ImageDecodeError."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt, mode = img.format or "UNKNOWN", img.mode
+        if draft_size and fmt == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))  # JPEG DCT scaling: decode large files faster
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        rgb, converted = to_rgb(img)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ImageDecodeError(f"{where}: cannot decode image ({type(e).__name__}: {e}); the file is skipped") from e
+    return rgb, fmt, mode, converted

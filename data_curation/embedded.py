@@ -1,0 +1,207 @@
+"""The embedded default sources: easy-vqa train images with colour+shape captions and scikit-image photos.
+
+`python -m data_curation.embedded --out runs/demo/data` writes
+- `easy_vqa/{train,test}/images` (links to the easy-vqa package's folders; copies where links fail)
+  and `easy_vqa/{train,test}/questions.json`,
+- `skimage_photos/` (a link to scikit-image's data folder),
+- `sources.jsonl`: one `{"image", "caption", "source"}` per curation input (paths relative to it),
+- `sft_easy_vqa.json`: LLaVA JSON, one multi-turn conversation per train image with all its questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .common import logger, setup_logging, write_json_atomic, write_jsonl_atomic
+
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+LEARN_IMAGES = 600  # images with known attributes used to learn the palette and shape fill ratios
+
+# Captions of the scikit-image photos (eve.assets.SKIMAGE_PHOTOS); others get "A photo of a {name}."
+SKIMAGE_CAPTIONS = {
+    "astronaut": "A photo of an astronaut.",
+    "brick": "A photo of a brick wall.",
+    "camera": "A black and white photo of a man with a camera.",
+    "cell": "A microscope image of a cell.",
+    "chelsea": "A photo of a cat.",
+    "chessboard_GRAY": "A grey chessboard pattern.",
+    "chessboard_RGB": "A chessboard pattern.",
+    "clock_motion": "A blurred photo of a clock.",
+    "coffee": "A photo of a cup of coffee.",
+    "coins": "A photo of old coins.",
+    "color": "A chart of colours.",
+    "grass": "A photo of grass.",
+    "gravel": "A photo of gravel.",
+    "horse": "A silhouette of a horse.",
+    "hubble_deep_field": "A photo of galaxies in deep space.",
+    "ihc": "A microscope image of stained tissue.",
+    "logo": "The scikit-image logo.",
+    "microaneurysms": "A photo of a retina with microaneurysms.",
+    "moon": "A photo of the surface of the moon.",
+    "motorcycle_left": "A photo of a motorcycle.",
+    "motorcycle_right": "A photo of a motorcycle.",
+    "page": "A scanned page of text.",
+    "phantom": "A phantom image of a head scan.",
+    "retina": "A photo of a human retina.",
+    "rocket": "A photo of a rocket on a launch pad.",
+    "text": "A photo of text.",
+}
+
+
+def attributes_from_questions(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """(colour, shape) implied by an image's questions and answers, None where they do not tell.
+
+    "what color is the triangle?" -> blue gives both; yes/no questions ("is there not a red shape?"
+    -> yes) rule attributes in or out; a single attribute left after ruling out the others is taken.
+    """
+    present, absent = set(), set()
+    for q, a in qa:
+        words = q.rstrip("?").split()
+        mentioned = {w for w in words if w in SHAPES or w in COLORS}
+        if a in ("yes", "no"):
+            truth = (a == "yes") != ("not" in words or "no" in words)
+            (present if truth else absent).update(mentioned)
+        else:  # an open question presupposes what it mentions, and its answer is an attribute
+            present.update(mentioned | {a})
+
+    def pick(vocab: tuple[str, ...]) -> str | None:
+        found = [v for v in vocab if v in present]
+        if len(found) > 1:
+            raise ValueError(f"easy-vqa answers contradict each other: {found} in {qa}")
+        left = [v for v in vocab if v not in absent]
+        return found[0] if found else (left[0] if len(left) == 1 else None)
+
+    return pick(COLORS), pick(SHAPES)
+
+
+def pixel_attributes(path: Path) -> tuple[tuple[int, int, int], float]:
+    """(the shape's exact RGB colour, fill ratio of its bounding box) of an easy-vqa image.
+
+    easy-vqa draws one shape in a palette colour on a light background: the most common pixel is
+    the background, the next most common the shape's colour. Fill ratio: ~1 rectangle, ~0.79 circle,
+    ~0.5 triangle.
+    """
+    arr = np.asarray(Image.open(path).convert("RGB")).astype(np.int32)  # (64, 64, 3)
+    packed = (arr[..., 0] << 16 | arr[..., 1] << 8 | arr[..., 2]).ravel()  # (4096,) one int per colour
+    values, counts = np.unique(packed, return_counts=True)
+    top = np.argsort(-counts, kind="stable")
+    bg, fg = (np.array([v >> 16, (v >> 8) & 255, v & 255]) for v in values[top[:2]])
+    mask = ((arr - fg) ** 2).sum(-1) < ((arr - bg) ** 2).sum(-1)  # (64, 64) closer to shape than background
+    ys, xs = np.nonzero(mask)
+    area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    return (int(fg[0]), int(fg[1]), int(fg[2])), float(mask.sum() / area)
+
+
+def easy_vqa_attributes(split_dir: Path) -> tuple[dict[int, tuple[str, str]], dict[int, list[tuple[str, str]]], Counter]:
+    """(colour, shape) of every image of a split, and its questions: from the answers, else the pixels.
+
+    Pixels fill the gaps: the palette (RGB -> colour name) and mean fill ratio per shape are learnt
+    from the images whose answers name them, then applied to the others.
+    """
+    qs = json.loads((split_dir / "questions.json").read_text())
+    per_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for q, a, i in qs:
+        per_image[int(i)].append((q, a))
+    from_answers = {i: attributes_from_questions(qa) for i, qa in per_image.items()}
+    # Learn from the first images whose answers name both attributes (enough to meet every colour and
+    # shape many times), and read the pixels of the images that need them.
+    learn = [i for i in sorted(from_answers) if None not in from_answers[i]][:LEARN_IMAGES]
+    need = [i for i in sorted(from_answers) if None in from_answers[i]]
+    pix = {i: pixel_attributes(split_dir / "images" / f"{i}.png") for i in learn + need}
+    palette: dict[tuple, Counter] = defaultdict(Counter)
+    fills: dict[str, list[float]] = defaultdict(list)
+    for i in learn:
+        c, s = from_answers[i]
+        if c:
+            palette[pix[i][0]][c] += 1
+        if s:
+            fills[s].append(pix[i][1])
+    mean_fill = {s: float(np.mean(v)) for s, v in fills.items()}
+    out, how = {}, Counter()
+    for i, (c, s) in from_answers.items():
+        if c is None:
+            c = palette[pix[i][0]].most_common(1)[0][0] if palette.get(pix[i][0]) else None
+            how["colour_from_pixels" if c else "colour_unknown"] += 1
+        if s is None:
+            s = min(mean_fill, key=lambda k: abs(mean_fill[k] - pix[i][1]))
+            how["shape_from_pixels"] += 1
+        out[i] = (c, s)
+    return out, per_image, how
+
+
+def caption_for(colour: str | None, shape: str | None) -> str:
+    """"A blue circle." (or "A circle." / "A blue shape." when one attribute is unknown)."""
+    words = [w for w in (colour, shape or "shape") if w]
+    return f"A {' '.join(words)}."
+
+
+def link_or_copy(target: Path, link: Path) -> None:
+    """Symlink `link` -> `target`; copy when links are not possible (e.g. some Windows/CI filesystems)."""
+    if link.is_symlink() or link.exists():
+        if link.resolve() == target.resolve():
+            return
+        raise FileExistsError(f"{link} exists and is not a link to {target}; remove it and re-run")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    except OSError:
+        (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
+
+
+def build(out: str | Path, seed: int = 0) -> dict:
+    """Write the embedded default sources under `out`; returns counts."""
+    from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
+
+    out = Path(out)
+    for split in ("train", "test"):
+        src = easy_vqa_dir(split)
+        link_or_copy(src / "images", out / "easy_vqa" / split / "images")
+        link_or_copy(src / "questions.json", out / "easy_vqa" / split / "questions.json")
+    link_or_copy(skimage_data_dir(), out / "skimage_photos")
+
+    attrs, per_image, how = easy_vqa_attributes(easy_vqa_dir("train"))
+    rows = [
+        {"image": f"easy_vqa/train/images/{i}.png", "caption": caption_for(*attrs[i]), "source": "easy_vqa_train"}
+        for i in sorted(per_image)
+    ]
+    for name in SKIMAGE_PHOTOS:
+        stem = Path(name).stem
+        caption = SKIMAGE_CAPTIONS.get(stem, f"A photo of a {stem.replace('_', ' ')}.")
+        rows.append({"image": f"skimage_photos/{name}", "caption": caption, "source": "skimage"})
+    write_jsonl_atomic(out / "sources.jsonl", rows)
+
+    sft = []
+    for i in sorted(per_image):
+        conv = []
+        for t, (q, a) in enumerate(per_image[i]):
+            conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
+            conv.append({"from": "gpt", "value": a})
+        sft.append({"id": f"easy_vqa_train_{i}", "image": f"easy_vqa/train/images/{i}.png", "conversations": conv})
+    random.Random(seed).shuffle(sft)
+    write_json_atomic(out / "sft_easy_vqa.json", sft)
+    counts = {"sources": len(rows), "easy_vqa_train": len(per_image), "skimage": len(SKIMAGE_PHOTOS), "sft_samples": len(sft), **how}
+    logger.info("embedded sources in %s: %s", out, counts)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m data_curation.embedded --out runs/demo/data [--seed 0]`."""
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo/data", help="output folder (default runs/demo/data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the SFT sample order")
+    args = parser.parse_args(argv)
+    build(args.out, args.seed)
+
+
+if __name__ == "__main__":
+    main()
