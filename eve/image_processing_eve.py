@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TypedDict, Union
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]
+ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
