@@ -1,0 +1,57 @@
+"""Run the whole curation pipeline: `python -m data_curation.run --config configs/curation/embedded.yaml`.
+
+Every step skips work already on disk, so re-running after an interruption continues where it
+stopped and gives the same output. Under `torchrun` (RANK / WORLD_SIZE set) every rank filters and
+embeds its own input shards; rank 0 waits for the others' files, then clusters, selects, captions,
+shards and reports, and the other ranks exit.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import captions, cluster, embed, filter, report, selection, shard, sources
+from .common import get_rank, logger, setup_logging
+from .config import CurationConfig, parse_step_args
+
+# The pipeline, in order: (name, step module). Each module also runs alone: python -m data_curation.<module>.
+STEPS = (
+    ("scan", sources),
+    ("filter", filter),
+    ("embed", embed),
+    ("cluster", cluster),
+    ("select", selection),
+    ("captions", captions),
+    ("shard", shard),
+    ("report", report),
+)
+
+
+def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:
+    """Run the named steps (all by default) in pipeline order."""
+    known = [name for name, _ in STEPS]
+    unknown = set(steps or []) - set(known)
+    if unknown:
+        raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {known}")
+    t0 = time.time()
+    rank, world = get_rank()
+    if cfg.embedded and rank == 0 and (steps is None or "scan" in steps):
+        from .embedded import build
+
+        build(cfg.embedded_dir, cfg.seed)
+    logger.info("curation into %s (rank %d of %d)", cfg.out, rank, world)
+    for name, module in STEPS:
+        if steps is None or name in steps:
+            module.run(cfg)
+    logger.info("curation finished in %.1f s: %s", time.time() - t0, cfg.out / "shards")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m data_curation.run --config X [--steps scan,filter] [key.sub=value ...]`."""
+    setup_logging()
+    cfg, flags = parse_step_args(argv, flags=("steps",))
+    run(cfg, flags["steps"].split(",") if "steps" in flags else None)
+
+
+if __name__ == "__main__":
+    main()
