@@ -34,7 +34,8 @@ class ModelConfig:
     preset: str = "tiny"
     """`EveConfig` preset ("tiny", "eve-7b", "eve-7b-hd") used when a new model is built from an LLM."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """`EveConfig` field overrides applied on top of the preset (only when a new model is built)."""
+    """`EveConfig` field overrides: on top of the preset for a new model, or of the loaded config of
+    `init_path` (e.g. `max_image_size: 1344` for HD fine-tuning of a 672-px model)."""
     init_path: str | None = None
     """Export directory of the previous stage (stage 2: stage 1's `export/`, SFT: stage 2's)."""
     llm_path: str | None = None
@@ -56,8 +57,8 @@ class ModelConfig:
 class StageConfig:
     """Which row of the stage table (train/stages.py) this run is."""
 
-    name: str = "stage1"
-    """"stage1", "stage2" or "sft"; must match the entry script."""
+    name: str | None = None
+    """"stage1", "stage2" or "sft"; None: the entry script's stage (a different name is an error)."""
 
 
 @dataclass
@@ -80,6 +81,11 @@ class DataConfig:
     """Shuffle samples (seeded by `train.seed`, resumable)."""
     workers: int = 0
     """DataLoader worker processes (0: load in the training process)."""
+    window: int = 512
+    """Records per length-bucketing and shuffling window (also the granularity of a resumed position)."""
+    tokens_per_batch: int | None = None
+    """Token budget per micro-batch (rows of max_length) instead of `train.micro_batch_size` samples;
+    then `train.grad_accum` must be given and `train.global_batch_size` is not checked."""
     max_samples: int | None = None
     """Use only the first N samples (quick runs)."""
 

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import torch
 from torch import nn
 
 from train.train_logging import get_logger
@@ -82,17 +81,19 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def module_groups(model: nn.Module, aligners: nn.Module) -> dict[str, list[nn.Module]]:
+def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list[nn.Module]]:
     """Group -> module handles of an EveForCausalLM and its aligning heads.
 
-    llm: token embeddings, decoder layers, final norm, LM head; vision: the patch embedding layer
-    (conv, CA1, CLS + CA2, SPL); projector: the PEL -> LLM MLP; aligner: every teacher's PAL head.
+    projector: the PEL -> LLM MLP; vision: the rest of the patch embedding layer (conv, CA1,
+    CLS + CA2, SPL); llm: the decoder (embeddings, layers, final norm) and the LM head; aligner: every
+    teacher's PAL head. A parameter belongs to the first group that reaches it, which is why the
+    projector (a submodule of the vision tower) is listed before the vision tower.
     """
     return {
-        "llm": [model.get_input_embeddings(), *model.language_model_modules(), model.get_output_embeddings()],
-        "vision": [model.vision_modules()],
-        "projector": [model.projector_module()],
-        "aligner": [aligners],
+        "projector": [model.vision_tower.projector],
+        "vision": [model.vision_tower],
+        "llm": [model.model, model.lm_head],
+        "aligner": [aligner] if aligner is not None else [],
     }
 
 
@@ -172,16 +173,3 @@ def frozen_check(module: nn.Module) -> None:
     if live:
         raise RuntimeError(f"teacher parameters must be frozen, found trainable: {live[:5]}")
 
-
-__all__ = [
-    "GROUPS",
-    "STAGES",
-    "Stage",
-    "apply_stage",
-    "frozen_check",
-    "get_stage",
-    "group_parameters",
-    "log_parameter_counts",
-    "module_groups",
-    "torch",
-]

@@ -1,0 +1,24 @@
+"""Stage 3, supervised fine-tuning: everything but the teacher trains, from stage 2's export.
+
+make sft                      # the tiny CPU default (configs/tiny/sft.yaml)
+python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --resume
+torchrun --nproc-per-node 2 train/sft.py --config ... --train.deepspeed configs/deepspeed/zero3.json
+deepspeed --num_gpus 8 train/sft.py --config configs/eve7b/sft.yaml
+"""
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/sft.py`: put the repo root, not train/, first on sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from train.engine import run_stage  # noqa: E402
+
+
+def main(argv: list[str] | None = None):
+    """Train stage sft with the command-line arguments (or argv)."""
+    return run_stage("sft", argv)
+
+
+if __name__ == "__main__":
+    main()
