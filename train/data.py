@@ -1,0 +1,643 @@
+"""Training data: webdataset shards or LLaVA JSON -> encoded samples -> length-planned batches.
+
+Pipeline (one `EveDataset` per rank, iterated by DataLoader workers):
+1. Records. Each consumer c = rank * num_workers + worker of n = world_size * num_workers reads a
+   disjoint part of the data, so every record is read exactly once per epoch: LLaVA JSON records
+   by a seeded per-epoch permutation (record perm[c::n]); tar shards whole (shuffled per epoch,
+   shard k to consumer k % n) when there are at least n shards, else record i of the shard stream
+   to consumer i % n.
+2. Windows of `window` records. A window is encoded (image decode + tokenization) to learn each
+   sample's length, bad records are skipped and counted by reason, the good ones are planned into
+   batches (`train.packing.plan_batches`: length-aware, packed or padded), the batch order is
+   shuffled, and each batch is encoded again with its pixels and collated in the worker. Only
+   lengths and compressed bytes are held per window; decoding twice (~1,800 JPEG/s per core here)
+   is cheaper than holding a window of float pixels.
+3. Order and resume. Workers tag every batch with (consumer, window, batch index); `EveDataLoader`
+   hands batches out in a fixed round-robin over workers (independent of DataLoader timing), and
+   its `state_dict()` is the epoch plus each worker's (windows done, batches done in the current
+   window). Resuming skips finished windows without decoding (JSON: by index; tar: bytes read, not
+   decoded), re-plans the current window and drops its batches already used: the remaining
+   batches are exactly those an uninterrupted run would have produced. The same world size,
+   worker count, seed and window are required (checked).
+
+Bad records (never fatal, always counted; `stats()` and a summary at the end of each epoch):
+corrupt / missing image, broken JSON (a .jsonl line or a tar .json member), no or two <image>,
+over-long (> max_length tokens), image path escaping the image root (.. or absolute), records
+without caption or conversations, truncated tar shard (the shard's remainder is skipped).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.packing import Collator, plan_batches
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_META = "__data_position__"
+
+
+class BadSample(Exception):
+    """A record that cannot become a training sample; `reason` is the counter key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Record:
+    """One raw record before decoding."""
+
+    source: str
+    """Where it came from: 'file.json#index' or 'shard.tar:key' (used in messages)."""
+    conversations: list | None = None
+    """LLaVA conversations (None for webdataset records, whose caption is in `caption`)."""
+    caption: str | None = None
+    """Caption of a webdataset record."""
+    image_path: str | None = None
+    """Resolved image file of a JSON record."""
+    image_bytes: bytes | None = None
+    """Encoded image of a webdataset record."""
+    error: BadSample | None = None
+    """Set when the record is already known to be bad (broken JSON, escaping path, ...)."""
+
+
+@dataclass
+class DataOptions:
+    """Everything the dataset needs besides the processor (the engine fills it from its DataConfig)."""
+
+    shards: list[str] = field(default_factory=list)
+    """Webdataset tar shards or glob patterns (image + `.txt` caption or `.json` with "caption")."""
+    json: str | None = None
+    """LLaVA JSON (a list) or JSON-lines file."""
+    image_root: str | None = None
+    """Root of the JSON's relative image paths (paths may not leave it); default: the JSON's folder."""
+    template: str = "plain"
+    """Template for `EveProcessor.encode` ("plain" for captions, "vicuna_v1" for SFT)."""
+    max_length: int = 2048
+    """Longest sample in tokens; longer ones are skipped and counted (never truncated through an image)."""
+    packing: bool = True
+    """Packed rows (see train/packing.py) or right-padded rows."""
+    batch_size: int | None = 4
+    """Samples per batch (packed into rows of max_length); exclusive with tokens_per_batch."""
+    tokens_per_batch: int | None = None
+    """Fixed token budget per batch (rows of max_length); set batch_size None to use it."""
+    window: int = 512
+    """Records per length-bucketing / shuffle window (also the resume granularity)."""
+    shuffle: bool = True
+    """Seeded shuffling of records (per epoch) and of batches within a window."""
+    seed: int = 0
+    """Seed of all shuffling."""
+    max_samples: int | None = None
+    """Use only the first N records (before sharding)."""
+    drop_text_only: bool = False
+    """Skip samples without an image (counted as 'text_only_dropped')."""
+
+
+class SampleEncoder:
+    """Record -> encoded sample dict (input_ids, labels, pixels, teacher views, length) or BadSample."""
+
+    def __init__(self, processor, options: DataOptions, teacher_views: list | None = None) -> None:
+        self.processor = processor
+        self.options = options
+        self.teacher_views = list(teacher_views or [])
+
+    def __call__(self, rec: Record, with_pixels: bool = True) -> dict:
+        """Encode one record; raises BadSample with a reason."""
+        from PIL import Image
+
+        from train.teacher import teacher_keys
+
+        if rec.error is not None:
+            raise rec.error
+        if rec.conversations is not None:
+            conversations = rec.conversations
+        else:
+            conversations = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": rec.caption}]
+        image = None
+        if rec.image_path is not None or rec.image_bytes is not None:
+            try:
+                fp = rec.image_path if rec.image_path is not None else io.BytesIO(rec.image_bytes)
+                image = Image.open(fp)
+                image.load()  # decode now: corrupt or truncated files fail here, not in the model
+            except FileNotFoundError as e:
+                raise BadSample("missing_image", f"{rec.source}: image file not found: {e}") from e
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+                raise BadSample("corrupt_image", f"{rec.source}: image cannot be decoded: {e}") from e
+        elif self.options.drop_text_only:
+            raise BadSample("text_only_dropped", f"{rec.source}: text-only sample dropped")
+        try:
+            enc = self.processor.encode(
+                conversations, image, template=self.options.template, sample_id=rec.source
+            )
+        except ValueError as e:
+            from eve.image_processing_eve import ImageLoadError
+
+            msg = str(e)
+            reason = "bad_image_placeholder" if "placeholder" in msg else "bad_conversation"
+            if isinstance(e, ImageLoadError):
+                reason = "corrupt_image"
+            raise BadSample(reason, f"{rec.source}: {msg}") from e
+        n = len(enc["input_ids"])
+        if n > self.options.max_length:
+            raise BadSample("too_long", f"{rec.source}: {n} tokens > max_length {self.options.max_length}")
+        enc["length"] = n
+        if not with_pixels:
+            enc.pop("pixel_values", None)
+            return enc
+        if image is not None:
+            for i, view in enumerate(self.teacher_views):
+                tv = self.processor.image_processor.teacher_view([image], view.size, view.mean, view.std)
+                pix, sizes = teacher_keys(i)
+                enc[pix], enc[sizes] = tv["teacher_pixel_values"], tv["teacher_image_sizes"]
+        return enc
+
+
+# ----------------------------------------------------------------------------------------------
+# record sources
+
+
+def resolve_image(root: Path, rel: Any, source: str) -> Record | None:
+    """The image path under root, or None with an error when it escapes the root."""
+    if not isinstance(rel, str) or not rel:
+        return Record(source, error=BadSample("bad_record", f"{source}: 'image' must be a non-empty string"))
+    if os.path.isabs(rel) or ".." in Path(rel).parts:
+        return Record(
+            source,
+            error=BadSample(
+                "path_escape",
+                f"{source}: image path {rel!r} leaves the image root {root}; use a relative path",
+            ),
+        )
+    full = (root / rel).resolve()
+    if root.resolve() not in full.parents:
+        return Record(
+            source, error=BadSample("path_escape", f"{source}: image path {rel!r} resolves outside {root}")
+        )
+    return None
+
+
+def load_json_records(path: str, image_root: str | None) -> list[Record]:
+    """All records of a LLaVA JSON list or JSON-lines file (broken lines become bad records)."""
+    root = Path(image_root) if image_root else Path(path).parent
+    text = Path(path).read_text()
+    entries: list[tuple[str, Any]] = []
+    if path.endswith(".jsonl"):
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"{path}#{i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                entries.append((f"{path}#{i}", BadSample("broken_json", f"{path} line {i + 1}: {e}")))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not valid JSON ({e}); fix the file or give it as JSON lines (.jsonl)"
+            ) from e
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of LLaVA samples, got {type(data).__name__}")
+        entries = [(f"{path}#{i}", d) for i, d in enumerate(data)]
+    records = []
+    for source, d in entries:
+        if isinstance(d, BadSample):
+            records.append(Record(source, error=d))
+            continue
+        if isinstance(d, dict) and "id" in d:
+            source = f"{source} (id {d['id']})"
+        if not isinstance(d, dict) or not isinstance(d.get("conversations"), list):
+            records.append(
+                Record(source, error=BadSample("bad_record", f"{source}: no 'conversations' list"))
+            )
+            continue
+        rec = Record(source, conversations=d["conversations"])
+        if "image" in d:
+            bad = resolve_image(root, d["image"], source)
+            if bad is not None:
+                records.append(bad)
+                continue
+            rec.image_path = str(root / d["image"])
+        records.append(rec)
+    return records
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Sorted shard paths from paths / glob patterns (an unmatched pattern is an error)."""
+    out: list[str] = []
+    for p in patterns:
+        hits = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
+        if not hits or not all(os.path.exists(h) for h in hits):
+            raise FileNotFoundError(f"no shard matches {p!r}; check data.shards (paths or glob patterns)")
+        out.extend(hits)
+    return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename, ext = the rest."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(d, stem), ext.lower()
+
+
+def _record_from_group(shard: str, key: str, files: dict[str, bytes]) -> Record:
+    source = f"{shard}:{key}"
+    img_ext = next((e for e in IMAGE_EXTS if e in files), None)
+    caption = None
+    if "txt" in files:
+        caption = files["txt"].decode("utf-8", errors="replace").strip()
+    elif "json" in files:
+        try:
+            meta = json.loads(files["json"])
+            caption = meta.get("caption") if isinstance(meta, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return Record(source, error=BadSample("broken_json", f"{source}.json: {e}"))
+    if img_ext is None:
+        return Record(
+            source, error=BadSample("missing_image", f"{source}: no image member ({'/'.join(IMAGE_EXTS)})")
+        )
+    if not caption:
+        return Record(
+            source, error=BadSample("missing_caption", f"{source}: no caption (.txt or .json 'caption')")
+        )
+    return Record(source, caption=caption, image_bytes=files[img_ext])
+
+
+def _has_end_marker(shard: str, end: int) -> bool:
+    """Whether two zero blocks follow the last member (tarfile stops silently at a truncated header)."""
+    with open(shard, "rb") as f:
+        f.seek(end)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    return len(tail) == 2 * tarfile.BLOCKSIZE and not any(tail)
+
+
+def iter_tar_records(shard: str, stats: Counter) -> Iterator[Record]:
+    """Records of one tar shard in member order; a truncated/corrupt shard ends early and is counted."""
+    key, files = None, {}
+    end = 0  # byte offset after the last member's data (uncompressed tars)
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if not member.isfile():
+                    continue
+                k, ext = _split_key(member.name)
+                if k != key and key is not None:
+                    yield _record_from_group(shard, key, files)
+                    files = {}
+                key = k
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:  # stream mode returns a short read at a truncation
+                    raise tarfile.ReadError(f"member {member.name} has {len(data)} of {member.size} bytes")
+                files[ext] = data
+        if shard.endswith(".tar") and not _has_end_marker(shard, end):
+            raise tarfile.ReadError("no end-of-archive marker after the last member")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        stats["truncated_shard"] += 1
+        logger.warning("%s: shard is truncated or corrupt (%s); skipping the rest of it", shard, e)
+        return  # the incomplete last group is dropped with the shard's remainder
+    if key is not None:
+        yield _record_from_group(shard, key, files)
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset
+
+
+@dataclass
+class WorkerPosition:
+    """Where one worker is in the current epoch."""
+
+    windows_done: int = 0
+    """Windows fully consumed."""
+    batches_done: int = 0
+    """Batches consumed of the current window."""
+    finished: bool = False
+    """All of this worker's batches of the epoch were consumed."""
+
+
+class EveDataset(IterableDataset):
+    """Yields collated batches (tagged with their data position) for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        options: DataOptions,
+        encoder: SampleEncoder | Any,
+        collator: Collator,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if options.json is None and not options.shards:
+            raise ValueError("no training data: set data.json (LLaVA JSON) or data.shards (webdataset tars)")
+        self.options, self.encoder, self.collator = options, encoder, collator
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 0)
+        self.epoch = 0
+        self.positions = [WorkerPosition() for _ in range(max(self.num_workers, 1))]
+        self._json_records: list[Record] | None = None
+        self._shards = expand_shards(options.shards) if options.shards else []
+
+    # --- records -------------------------------------------------------------------------------
+    def _consumer(self, worker: int) -> tuple[int, int]:
+        n_workers = max(self.num_workers, 1)
+        return self.rank * n_workers + worker, self.world_size * n_workers
+
+    def _records(self, worker: int, stats: Counter) -> Iterator[Record]:
+        """This worker's records of the epoch, in order."""
+        c, n = self._consumer(worker)
+        rng = random.Random(f"{self.options.seed}-{self.epoch}")
+        if self.options.json is not None:
+            if self._json_records is None:
+                self._json_records = load_json_records(self.options.json, self.options.image_root)
+            recs = self._json_records[: self.options.max_samples]
+            order = list(range(len(recs)))
+            if self.options.shuffle:
+                rng.shuffle(order)
+            for i in order[c::n]:
+                yield recs[i]
+            return
+        shards = list(self._shards)
+        if self.options.shuffle:
+            rng.shuffle(shards)
+        if len(shards) >= n:
+            count = 0
+            for shard in shards[c::n]:  # max_samples per consumer is approximate here
+                for rec in iter_tar_records(shard, stats):
+                    if self.options.max_samples is not None and count * n >= self.options.max_samples:
+                        return
+                    count += 1
+                    yield rec
+            return
+        i = 0
+        for shard in shards:
+            for rec in iter_tar_records(shard, stats if c == 0 else Counter()):  # count a shard once
+                if self.options.max_samples is not None and i >= self.options.max_samples:
+                    return
+                if i % n == c:
+                    yield rec
+                i += 1
+
+    # --- windows and batches -------------------------------------------------------------------
+    def _windows(self, worker: int, stats: Counter) -> Iterator[list[Record]]:
+        window: list[Record] = []
+        for rec in self._records(worker, stats):
+            window.append(rec)
+            if len(window) == self.options.window:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def _plan(self, window: list[Record], stats: Counter, seed: str) -> tuple[list[Record], list]:
+        """Encode a window for lengths (bad records counted), plan and shuffle its batches."""
+        good, lengths = [], []
+        for rec in window:
+            try:
+                lengths.append(self.encoder(rec, with_pixels=False)["length"])
+                good.append(rec)
+            except BadSample as e:
+                stats[e.reason] += 1
+                logger.debug("skipped %s", e)
+            except Exception as e:  # an unexpected failure must not stop a long run: count and log it
+                stats["encode_error"] += 1
+                logger.warning("%s: could not be encoded (%s: %s); skipped", rec.source, type(e).__name__, e)
+        o = self.options
+        batches = plan_batches(
+            lengths,
+            max_length=o.max_length,
+            packing=o.packing,
+            batch_size=o.batch_size,
+            tokens_per_batch=o.tokens_per_batch,
+        )
+        if o.shuffle:
+            random.Random(seed).shuffle(batches)
+        return good, batches
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != max(self.num_workers, 1):
+            raise ValueError(
+                f"EveDataset was built for {self.num_workers} workers but runs under {info.num_workers}; "
+                "build it with the DataLoader's num_workers"
+            )
+        pos = self.positions[worker]
+        if pos.finished:
+            return
+        stats: Counter = Counter()
+        c, _ = self._consumer(worker)
+        for w_idx, window in enumerate(self._windows(worker, stats)):
+            if w_idx < pos.windows_done:
+                stats.clear()  # counted before the interruption (restored from the state)
+                continue
+            skip = pos.batches_done if w_idx == pos.windows_done else 0
+            good, batches = self._plan(window, stats, f"{self.options.seed}-{self.epoch}-{c}-{w_idx}")
+            if skip:
+                stats.clear()  # this window's bad records were counted before the interruption
+            for b_idx, batch_rows in enumerate(batches):
+                if b_idx < skip:
+                    continue
+                rows = []
+                for row in batch_rows:
+                    samples = []
+                    for i in row:
+                        try:
+                            samples.append(self.encoder(good[i]))
+                        except BadSample as e:  # deterministic encoders never get here
+                            stats[e.reason] += 1
+                        except Exception as e:
+                            stats["encode_error"] += 1
+                            logger.warning("%s: could not be encoded (%s); skipped", good[i].source, e)
+                    if samples:
+                        rows.append(samples)
+                if not rows:
+                    continue
+                batch = self.collator(rows)
+                batch[_META] = {
+                    "worker": worker,
+                    "window": w_idx,
+                    "batch": b_idx,
+                    "last_in_window": b_idx == len(batches) - 1,
+                    "samples": sum(len(r) for r in batch_rows),
+                    "stats": dict(stats),
+                }
+                stats.clear()
+                yield batch
+            if not batches:
+                # an all-bad window still reports its counts
+                yield {
+                    _META: {
+                        "worker": worker,
+                        "window": w_idx,
+                        "batch": -1,
+                        "last_in_window": True,
+                        "samples": 0,
+                        "stats": dict(stats),
+                    }
+                }
+                stats.clear()
+        yield {_META: {"worker": worker, "end": True, "stats": dict(stats)}}
+
+
+class EveDataLoader:
+    """A DataLoader over an EveDataset with deterministic order, resumable position and bad-sample stats."""
+
+    def __init__(
+        self, dataset: EveDataset, pin_memory: bool = False, prefetch_factor: int | None = 2
+    ) -> None:
+        self.dataset = dataset
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if dataset.num_workers > 0 else None
+        self.samples_consumed = 0
+        """Samples handed out this epoch."""
+        self.last_batch_samples = 0
+        """Samples in the batch most recently handed out."""
+        self._stats: Counter = Counter()
+        self._next_worker = 0
+
+    def stats(self) -> dict[str, int]:
+        """Bad records skipped so far, by reason (cumulative over epochs and resumes)."""
+        return dict(self._stats)
+
+    def log_summary(self) -> None:
+        """Log the skipped-record counts."""
+        if self._stats:
+            total = sum(self._stats.values())
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.items()))
+            logger.warning("data: skipped %d bad records this run (%s)", total, detail)
+        else:
+            logger.info("data: no bad records")
+
+    def _loader(self) -> DataLoader:
+        ds = self.dataset
+        return DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=ds.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        """The rest of the current epoch's batches; the epoch advances when it is exhausted."""
+        ds = self.dataset
+        n_workers = max(ds.num_workers, 1)
+        queues: dict[int, list[dict]] = {w: [] for w in range(n_workers)}
+        ended = {w for w in range(n_workers) if ds.positions[w].finished}
+        it = iter(self._loader())
+        while len(ended) < n_workers:
+            w = self._next_worker
+            if w in ended:
+                self._next_worker = (w + 1) % n_workers
+                continue
+            if not queues[w]:
+                item = next(it)
+                meta = item[_META]
+                queues[meta["worker"]].append(item)
+                continue
+            item = queues[w].pop(0)
+            meta = item.pop(_META)
+            self._stats.update(meta["stats"])
+            pos = ds.positions[w]
+            if meta.get("end"):
+                pos.finished = True
+                ended.add(w)
+                self._next_worker = (w + 1) % n_workers
+                continue
+            if meta["last_in_window"]:
+                pos.windows_done, pos.batches_done = meta["window"] + 1, 0
+            else:
+                pos.windows_done, pos.batches_done = meta["window"], meta["batch"] + 1
+            if meta["batch"] < 0:
+                continue  # an all-bad window: only its counts
+            self._next_worker = (w + 1) % n_workers
+            self.samples_consumed += meta["samples"]
+            self.last_batch_samples = meta["samples"]
+            yield item
+        self.log_summary()
+        ds.epoch += 1
+        ds.positions = [WorkerPosition() for _ in range(n_workers)]
+        self.samples_consumed = 0
+        self._next_worker = 0
+
+    def state_dict(self) -> dict:
+        """The data position: epoch, per-worker window/batch counters, next worker, stats, layout."""
+        ds = self.dataset
+        return {
+            "epoch": ds.epoch,
+            "samples_consumed": self.samples_consumed,
+            "next_worker": self._next_worker,
+            "positions": [vars(p).copy() for p in ds.positions],
+            "stats": dict(self._stats),
+            "layout": {
+                "world_size": ds.world_size,
+                "num_workers": ds.num_workers,
+                "seed": ds.options.seed,
+                "window": ds.options.window,
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` (the same world size, workers, seed and window are required)."""
+        ds = self.dataset
+        want = {
+            "world_size": ds.world_size,
+            "num_workers": ds.num_workers,
+            "seed": ds.options.seed,
+            "window": ds.options.window,
+        }
+        if state["layout"] != want:
+            raise ValueError(
+                f"data position was saved with {state['layout']} but this run has {want}; resume with the "
+                "same world size, data.workers, seed and window (or start the data from the epoch start)"
+            )
+        ds.epoch = state["epoch"]
+        ds.positions = [WorkerPosition(**p) for p in state["positions"]]
+        self.samples_consumed = state["samples_consumed"]
+        self._next_worker = state["next_worker"]
+        self._stats = Counter(state["stats"])
+
+
+def build_dataloader(
+    options: DataOptions,
+    processor,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    teacher_views: list | None = None,
+    dummy_image=None,
+) -> EveDataLoader:
+    """The engine's entry point: dataset + collator + loader for one rank.
+
+    teacher_views: `TeacherSet.views` (one teacher tensor pair per distinct view); dummy_image:
+    `DummyImage.from_config(model_config, [v.size for v in views])` under ZeRO-3 (or always: it
+    costs 3 tokens on image-free batches only).
+    """
+    views = list(teacher_views or [])
+    collator = Collator(
+        pad_token_id=processor.pad_token_id,
+        packing=options.packing,
+        dummy_image=dummy_image,
+        num_teacher_views=len(views),
+    )
+    encoder = SampleEncoder(processor, options, views)
+    return EveDataLoader(EveDataset(options, encoder, collator, rank, world_size, num_workers))
