@@ -27,17 +27,46 @@ from .config import CaptionConfig, CurationConfig, parse_step_args
 from .embed import load_features
 from .sources import load_scan
 
-CAPTION_DROP_REASONS = ("no_caption", "caption_unfinished", "caption_repetitive", "caption_low_similarity", "caption_image_error")
+CAPTION_DROP_REASONS = (
+    "no_caption",
+    "caption_unfinished",
+    "caption_repetitive",
+    "caption_low_similarity",
+    "caption_image_error",
+)
 PART_SIZE = 10000  # selected rows per captions part file (the unit of resuming re-captioning)
 
 _WORD = re.compile(r"[\w']+")
 # A finished sentence ends in . ! ? (or an ellipsis-free closing quote / bracket after one).
 _TERMINAL = re.compile(r"[.!?][\"'”’)\]]*$")
 # Words that cannot end a finished English sentence: a caption ending in one was cut mid-sentence.
-_DANGLING = {"a", "an", "the", "and", "or", "of", "with", "in", "on", "at", "to", "for", "from", "by", "is", "are", "its", "their", "his", "her"}
+_DANGLING = {
+    "a",
+    "an",
+    "the",
+    "and",
+    "or",
+    "of",
+    "with",
+    "in",
+    "on",
+    "at",
+    "to",
+    "for",
+    "from",
+    "by",
+    "is",
+    "are",
+    "its",
+    "their",
+    "his",
+    "her",
+}
 
 
-def is_repetitive(caption: str, ngram_size: int = 3, max_ngram_repeats: int = 2, max_word_run: int = 3) -> bool:
+def is_repetitive(
+    caption: str, ngram_size: int = 3, max_ngram_repeats: int = 2, max_word_run: int = 3
+) -> bool:
     """True when a word n-gram occurs more than max_ngram_repeats times, or a word runs more than max_word_run times."""
     words = [w.lower() for w in _WORD.findall(caption)]
     run = 1
@@ -76,10 +105,14 @@ def recaption_eve(records: list[Record], cfg: CaptionConfig) -> list[str | None]
     from eve.templates import HUMAN, IMAGE_PLACEHOLDER, conversation_to_pieces
 
     if not cfg.eve_model or not Path(cfg.eve_model, "config.json").is_file():
-        raise FileNotFoundError(f"captions.eve_model={cfg.eve_model!r} is not an exported EVE checkpoint (no config.json)")
+        raise FileNotFoundError(
+            f"captions.eve_model={cfg.eve_model!r} is not an exported EVE checkpoint (no config.json)"
+        )
     model, processor = load_model(cfg.eve_model)
     turns = [{"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{cfg.eve_prompt}"}]
-    prompt = "".join(t for t, _ in conversation_to_pieces(turns, cfg.eve_template, add_generation_prompt=True))
+    prompt = "".join(
+        t for t, _ in conversation_to_pieces(turns, cfg.eve_template, add_generation_prompt=True)
+    )
     out: list[str | None] = [None] * len(records)
     for a in tqdm(range(0, len(records), cfg.eve_batch_size), desc="recaption", leave=False):
         batch, idx = [], []
@@ -90,7 +123,9 @@ def recaption_eve(records: list[Record], cfg: CaptionConfig) -> list[str | None]
             except (ValueError, OSError) as e:
                 logger.warning("recaption: %s", e)
         if batch:
-            for j, text in zip(idx, generate(model, processor, [prompt] * len(batch), batch, cfg.eve_max_new_tokens)):
+            for j, text in zip(
+                idx, generate(model, processor, [prompt] * len(batch), batch, cfg.eve_max_new_tokens)
+            ):
                 out[j] = text
     return out
 
@@ -102,7 +137,9 @@ def clip_similarity(records: list[Record], captions: list[str], cfg: CaptionConf
 
     from .embed import resolve_weights
 
-    model = open_clip.create_model(cfg.clip_model, pretrained=resolve_weights(cfg.clip_weights), device="cpu").eval()
+    model = open_clip.create_model(
+        cfg.clip_model, pretrained=resolve_weights(cfg.clip_weights), device="cpu"
+    ).eval()
     tokenizer = open_clip.get_tokenizer(cfg.clip_model)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -126,7 +163,9 @@ def clip_similarity(records: list[Record], captions: list[str], cfg: CaptionConf
         with torch.no_grad():
             x = (torch.stack(imgs).float() / 255.0 - mean) / std  # (B, 3, S, S)
             fi = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-            ft = torch.nn.functional.normalize(model.encode_text(tokenizer([captions[j] for j in idx])).float(), dim=-1)
+            ft = torch.nn.functional.normalize(
+                model.encode_text(tokenizer([captions[j] for j in idx])).float(), dim=-1
+            )
             sims[idx] = (fi * ft).sum(-1).numpy()
     return sims
 
@@ -145,7 +184,9 @@ def load_selected_records(cfg: CurationConfig) -> tuple[list[dict], dict[str, Re
     keys, _ = load_features(cfg, len(shards))
     labels, dist, _ = load_cluster(cfg)
     rows = np.load(cfg.out / "select" / "selected.npy")
-    sel = [{"row": int(r), "key": keys[r], "cluster": int(labels[r]), "distance": float(dist[r])} for r in rows]
+    sel = [
+        {"row": int(r), "key": keys[r], "cluster": int(labels[r]), "distance": float(dist[r])} for r in rows
+    ]
     by_key = {r.key: r for shard in shards for r in shard}
     return sel, by_key
 

@@ -37,7 +37,9 @@ def kmeans(
     if backend == "auto":
         backend = "faiss" if have_faiss() else "sklearn"
         if backend == "sklearn":
-            logger.warning("cluster: faiss is missing, falling back to scikit-learn (slow at scale): pip install faiss-cpu")
+            logger.warning(
+                "cluster: faiss is missing, falling back to scikit-learn (slow at scale): pip install faiss-cpu"
+            )
     if backend == "faiss":
         import faiss
 
@@ -96,12 +98,21 @@ def run(cfg: CurationConfig) -> None:
     t0 = time.time()
     keys, x = load_features(cfg, len(load_scan(cfg)))
     if len(x) == 0:
-        raise ValueError(f"no image survived filtering ({cfg.out}/filter/); check the sources and filter.min_side")
+        raise ValueError(
+            f"no image survived filtering ({cfg.out}/filter/); check the sources and filter.min_side"
+        )
     k = min(cfg.cluster.k, len(x))
     if k < cfg.cluster.k:
         logger.warning("cluster: only %d images for k=%d clusters; using k=%d", len(x), cfg.cluster.k, k)
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    centroids = kmeans(x, k, cfg.cluster.iterations, cfg.cluster.seed or cfg.seed, cfg.cluster.max_points_per_centroid, cfg.cluster.backend)
+    centroids = kmeans(
+        x,
+        k,
+        cfg.cluster.iterations,
+        cfg.cluster.seed or cfg.seed,
+        cfg.cluster.max_points_per_centroid,
+        cfg.cluster.backend,
+    )
     t_train = time.time() - t0
     labels, dist = assign(x, centroids)
     objective = float((dist.astype(np.float64) ** 2).mean())
@@ -109,9 +120,22 @@ def run(cfg: CurationConfig) -> None:
     save_npy_atomic(out / "labels.npy", labels)
     save_npy_atomic(out / "distances.npy", dist)
     sizes = np.bincount(labels, minlength=k)
-    stats = {"n": len(x), "k": k, "dim": int(x.shape[1]), "objective_mean_sq_dist": objective, "empty_clusters": int((sizes == 0).sum()), "train_s": t_train}
+    stats = {
+        "n": len(x),
+        "k": k,
+        "dim": int(x.shape[1]),
+        "objective_mean_sq_dist": objective,
+        "empty_clusters": int((sizes == 0).sum()),
+        "train_s": t_train,
+    }
     write_json_atomic(out / "_SUCCESS.json", stats)
-    logger.info("cluster: %d images -> %d clusters in %.1f s (mean sq. distance %.4f)", len(x), k, time.time() - t0, objective)
+    logger.info(
+        "cluster: %d images -> %d clusters in %.1f s (mean sq. distance %.4f)",
+        len(x),
+        k,
+        time.time() - t0,
+        objective,
+    )
     record_timing(cfg.out, "cluster", time.time() - t0, images=len(x))
 
 

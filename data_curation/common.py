@@ -109,7 +109,10 @@ def wait_for_files(paths: list[Path], timeout_s: float, what: str) -> None:
 def record_timing(out: Path, step: str, seconds: float, **extra: object) -> None:
     """Store the wall time of a step on this rank under report/timings/."""
     rank = get_rank()[0]
-    write_json_atomic(out / "report" / "timings" / f"{step}.rank{rank}.json", {"step": step, "seconds": seconds, "rank": rank, **extra})
+    write_json_atomic(
+        out / "report" / "timings" / f"{step}.rank{rank}.json",
+        {"step": step, "seconds": seconds, "rank": rank, **extra},
+    )
 
 
 @dataclass
@@ -173,7 +176,9 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     return img.convert("RGB"), True
 
 
-def decode_image(data: bytes, where: str, draft_size: int | None = None) -> tuple[Image.Image, str, str, bool]:
+def decode_image(
+    data: bytes, where: str, draft_size: int | None = None
+) -> tuple[Image.Image, str, str, bool]:
     """Fully decode image bytes to RGB: (image, format, original mode, converted). Raises ImageDecodeError."""
     try:
         img = Image.open(io.BytesIO(data))
@@ -184,5 +189,7 @@ def decode_image(data: bytes, where: str, draft_size: int | None = None) -> tupl
         img = ImageOps.exif_transpose(img)
         rgb, converted = to_rgb(img)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise ImageDecodeError(f"{where}: cannot decode image ({type(e).__name__}: {e}); the file is skipped") from e
+        raise ImageDecodeError(
+            f"{where}: cannot decode image ({type(e).__name__}: {e}); the file is skipped"
+        ) from e
     return rgb, fmt, mode, converted

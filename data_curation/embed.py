@@ -47,9 +47,13 @@ def resolve_weights(spec: str | None) -> str | None:
 
         return str(efficientnet_lite0_weights_path())
     if spec.startswith("asset:"):
-        raise ValueError(f"unknown weights asset {spec!r}; known: asset:efficientnet_lite0, or give a file path")
+        raise ValueError(
+            f"unknown weights asset {spec!r}; known: asset:efficientnet_lite0, or give a file path"
+        )
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"embed.weights {spec} does not exist; give a local weights file (nothing downloads)")
+        raise FileNotFoundError(
+            f"embed.weights {spec} does not exist; give a local weights file (nothing downloads)"
+        )
     return spec
 
 
@@ -139,7 +143,9 @@ def build_extractor(ecfg: EmbedConfig, device: torch.device) -> tuple[FeatureExt
     else:
         raise ValueError(f"embed.backend {ecfg.backend!r} is not one of timm, open_clip")
     if not weights:
-        logger.warning("embed: %s has random weights (embed.weights is null): fine for tests only", ecfg.model)
+        logger.warning(
+            "embed: %s has random weights (embed.weights is null): fine for tests only", ecfg.model
+        )
     ext = FeatureExtractor(net, encode, mean, std, autocast_dtype(ecfg.precision, device)).eval().to(device)
     return ext, size
 
@@ -256,7 +262,9 @@ def run(cfg: CurationConfig) -> None:
             keep = np.flatnonzero(valid[a:b]) + a
             kp, fp = feature_paths(cfg.out, i)
             errors = [records[j].key for j in range(a, b) if not valid[j]]
-            write_json_atomic(kp, {"keys": [records[j].key for j in keep], "embed_errors": errors, "dim": dim})
+            write_json_atomic(
+                kp, {"keys": [records[j].key for j in keep], "embed_errors": errors, "dim": dim}
+            )
             save_npy_atomic(fp, feats[keep])
             next_owner += 1
             done += 1
@@ -274,7 +282,14 @@ def run(cfg: CurationConfig) -> None:
     bar.close()
     flush_ready(pos)
     dt = time.time() - t0
-    logger.info("embed: %d images in %d shards, %.1f s (%.0f img/s), dim %d", len(records), len(todo), dt, len(records) / max(dt, 1e-9), dim)
+    logger.info(
+        "embed: %d images in %d shards, %.1f s (%.0f img/s), dim %d",
+        len(records),
+        len(todo),
+        dt,
+        len(records) / max(dt, 1e-9),
+        dim,
+    )
     record_timing(cfg.out, "embed", dt, images=len(records))
 
 

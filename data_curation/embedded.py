@@ -101,7 +101,9 @@ def pixel_attributes(path: Path) -> tuple[tuple[int, int, int], float]:
     return (int(fg[0]), int(fg[1]), int(fg[2])), float(mask.sum() / area)
 
 
-def easy_vqa_attributes(split_dir: Path) -> tuple[dict[int, tuple[str, str]], dict[int, list[tuple[str, str]]], Counter]:
+def easy_vqa_attributes(
+    split_dir: Path,
+) -> tuple[dict[int, tuple[str, str]], dict[int, list[tuple[str, str]]], Counter]:
     """(colour, shape) of every image of a split, and its questions: from the answers, else the pixels.
 
     Pixels fill the gaps: the palette (RGB -> colour name) and mean fill ratio per shape are learnt
@@ -139,7 +141,7 @@ def easy_vqa_attributes(split_dir: Path) -> tuple[dict[int, tuple[str, str]], di
 
 
 def caption_for(colour: str | None, shape: str | None) -> str:
-    """"A blue circle." (or "A circle." / "A blue shape." when one attribute is unknown)."""
+    """ "A blue circle." (or "A circle." / "A blue shape." when one attribute is unknown)."""
     words = [w for w in (colour, shape or "shape") if w]
     return f"A {' '.join(words)}."
 
@@ -170,7 +172,11 @@ def build(out: str | Path, seed: int = 0) -> dict:
 
     attrs, per_image, how = easy_vqa_attributes(easy_vqa_dir("train"))
     rows = [
-        {"image": f"easy_vqa/train/images/{i}.png", "caption": caption_for(*attrs[i]), "source": "easy_vqa_train"}
+        {
+            "image": f"easy_vqa/train/images/{i}.png",
+            "caption": caption_for(*attrs[i]),
+            "source": "easy_vqa_train",
+        }
         for i in sorted(per_image)
     ]
     for name in SKIMAGE_PHOTOS:
@@ -185,10 +191,18 @@ def build(out: str | Path, seed: int = 0) -> dict:
         for t, (q, a) in enumerate(per_image[i]):
             conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
             conv.append({"from": "gpt", "value": a})
-        sft.append({"id": f"easy_vqa_train_{i}", "image": f"easy_vqa/train/images/{i}.png", "conversations": conv})
+        sft.append(
+            {"id": f"easy_vqa_train_{i}", "image": f"easy_vqa/train/images/{i}.png", "conversations": conv}
+        )
     random.Random(seed).shuffle(sft)
     write_json_atomic(out / "sft_easy_vqa.json", sft)
-    counts = {"sources": len(rows), "easy_vqa_train": len(per_image), "skimage": len(SKIMAGE_PHOTOS), "sft_samples": len(sft), **how}
+    counts = {
+        "sources": len(rows),
+        "easy_vqa_train": len(per_image),
+        "skimage": len(SKIMAGE_PHOTOS),
+        "sft_samples": len(sft),
+        **how,
+    }
     logger.info("embedded sources in %s: %s", out, counts)
     return counts
 

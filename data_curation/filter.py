@@ -44,7 +44,9 @@ def check_image(rec: Record, min_side: int) -> dict:
         logger.warning("%s", e)
         return {**row, "status": "decode_error"}
     w, h = img.size
-    row.update(width=w, height=h, format=fmt, mode=mode, converted=converted, sha1=hashlib.sha1(data).hexdigest())
+    row.update(
+        width=w, height=h, format=fmt, mode=mode, converted=converted, sha1=hashlib.sha1(data).hexdigest()
+    )
     row["status"] = "ok" if min(w, h) >= min_side else "too_small"
     return row
 

@@ -9,7 +9,15 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from .captions import CAPTION_DROP_REASONS, load_captions
-from .common import decode_image, get_rank, logger, read_jsonl, record_timing, setup_logging, write_json_atomic
+from .common import (
+    decode_image,
+    get_rank,
+    logger,
+    read_jsonl,
+    record_timing,
+    setup_logging,
+    write_json_atomic,
+)
 from .config import CurationConfig, config_to_dict, parse_step_args
 from .embed import feature_paths
 from .filter import DROP_REASONS, load_filter
@@ -22,7 +30,9 @@ def gather_counts(cfg: CurationConfig) -> dict:
     shards = load_scan(cfg)
     filt = [r for rows in load_filter(cfg, len(shards)) for r in rows]
     status = Counter(r["status"] for r in filt)
-    embed_errors = sum(len(json.loads(feature_paths(cfg.out, i)[0].read_text())["embed_errors"]) for i in range(len(shards)))
+    embed_errors = sum(
+        len(json.loads(feature_paths(cfg.out, i)[0].read_text())["embed_errors"]) for i in range(len(shards))
+    )
     labels, _, _ = load_cluster(cfg)
     caps = load_captions(cfg)
     cap_status = Counter(r["status"] for r in caps)
@@ -36,7 +46,9 @@ def gather_counts(cfg: CurationConfig) -> dict:
     counts["selected"] = len(caps)
     counts.update({f"dropped_{k}": cap_status.get(k, 0) for k in CAPTION_DROP_REASONS})
     counts["written"] = written
-    counts["by_source"] = dict(Counter(r["source"] for r in read_jsonl(cfg.out / "shards" / "manifest.jsonl")))
+    counts["by_source"] = dict(
+        Counter(r["source"] for r in read_jsonl(cfg.out / "shards" / "manifest.jsonl"))
+    )
     return counts
 
 
@@ -115,7 +127,12 @@ def run(cfg: CurationConfig) -> dict:
     report = {
         "counts": counts,
         "timings_s": timings,
-        "cluster": {**stats, "size_min": int(sizes.min()), "size_max": int(sizes.max()), "size_median": float(np.median(sizes))},
+        "cluster": {
+            **stats,
+            "size_min": int(sizes.min()),
+            "size_max": int(sizes.max()),
+            "size_median": float(np.median(sizes)),
+        },
         "config": config_to_dict(cfg),
     }
     write_json_atomic(out / "report.json", report)

@@ -7,7 +7,15 @@ import time
 
 import numpy as np
 
-from .common import get_rank, logger, record_timing, save_npy_atomic, setup_logging, wait_for_files, write_json_atomic
+from .common import (
+    get_rank,
+    logger,
+    record_timing,
+    save_npy_atomic,
+    setup_logging,
+    wait_for_files,
+    write_json_atomic,
+)
 from .config import CurationConfig, parse_step_args
 
 
@@ -17,7 +25,9 @@ def select_nearest(labels: np.ndarray, distances: np.ndarray, n: int) -> np.ndar
     Each row belongs to exactly one cluster (its nearest centre), so no row is selected twice; a
     cluster with fewer than n members gives all of them. Ties in distance go to the lower row id.
     """
-    order = np.lexsort((np.arange(len(labels)), distances, labels))  # sort by cluster, then distance, then row
+    order = np.lexsort(
+        (np.arange(len(labels)), distances, labels)
+    )  # sort by cluster, then distance, then row
     sorted_labels = labels[order]
     # Rank of each sorted row inside its cluster: position minus the cluster's first position.
     starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
@@ -29,7 +39,11 @@ def load_cluster(cfg: CurationConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """(labels, distances, stats) written by the cluster step."""
     out = cfg.out / "cluster"
     wait_for_files([out / "_SUCCESS.json"], cfg.barrier_timeout_s, "the cluster step")
-    return np.load(out / "labels.npy"), np.load(out / "distances.npy"), json.loads((out / "_SUCCESS.json").read_text())
+    return (
+        np.load(out / "labels.npy"),
+        np.load(out / "distances.npy"),
+        json.loads((out / "_SUCCESS.json").read_text()),
+    )
 
 
 def run(cfg: CurationConfig) -> None:
@@ -44,7 +58,12 @@ def run(cfg: CurationConfig) -> None:
     sizes = np.bincount(labels, minlength=stats["k"])
     write_json_atomic(
         out / "_SUCCESS.json",
-        {"selected": len(rows), "candidates": len(labels), "per_cluster": cfg.select.per_cluster, "clusters_smaller_than_n": int((sizes < cfg.select.per_cluster).sum())},
+        {
+            "selected": len(rows),
+            "candidates": len(labels),
+            "per_cluster": cfg.select.per_cluster,
+            "clusters_smaller_than_n": int((sizes < cfg.select.per_cluster).sum()),
+        },
     )
     logger.info("select: %d of %d images (n=%d per cluster)", len(rows), len(labels), cfg.select.per_cluster)
     record_timing(cfg.out, "select", time.time() - t0, images=len(rows))

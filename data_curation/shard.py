@@ -13,7 +13,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .captions import load_captions
-from .common import Record, atomic_path, decode_image, get_rank, logger, record_timing, setup_logging, write_jsonl_atomic
+from .common import (
+    Record,
+    atomic_path,
+    decode_image,
+    get_rank,
+    logger,
+    record_timing,
+    setup_logging,
+    write_jsonl_atomic,
+)
 from .config import CurationConfig, parse_step_args
 from .filter import load_filter
 from .sources import load_scan
@@ -25,7 +34,15 @@ PASSTHROUGH = {"JPEG": "jpg", "PNG": "png"}
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     """Add a member with fixed metadata, so that the same samples give byte-identical tars."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        len(data),
+        0,
+        0o644,
+        0,
+        0,
+        "",
+        "",
+    )
     tf.addfile(info, io.BytesIO(data))
 
 

@@ -40,7 +40,14 @@ def scan_folder(src: SourceConfig) -> list[Record]:
             continue
         txt = p.with_suffix(".txt")
         caption = txt.read_text().strip() if txt.is_file() else None
-        out.append(Record(key=f"{name}/{p.relative_to(root).with_suffix('').as_posix()}", source=name, path=str(p), caption=caption))
+        out.append(
+            Record(
+                key=f"{name}/{p.relative_to(root).with_suffix('').as_posix()}",
+                source=name,
+                path=str(p),
+                caption=caption,
+            )
+        )
     return out
 
 
@@ -82,12 +89,21 @@ def scan_tar(tar_path: str, src: SourceConfig) -> list[Record]:
                     try:
                         raw = json.loads(raw).get("caption") or ""
                     except (json.JSONDecodeError, AttributeError):
-                        logger.warning("%s: member %s is not a JSON object; caption ignored", tar_path, m.name)
+                        logger.warning(
+                            "%s: member %s is not a JSON object; caption ignored", tar_path, m.name
+                        )
                         raw = ""
                 captions[key] = raw.strip()
     stem = Path(tar_path).stem
     return [
-        Record(key=f"{name}/{stem}/{k}", source=name, path=tar_path, offset=images[k][0], size=images[k][1], caption=captions.get(k) or None)
+        Record(
+            key=f"{name}/{stem}/{k}",
+            source=name,
+            path=tar_path,
+            offset=images[k][0],
+            size=images[k][1],
+            caption=captions.get(k) or None,
+        )
         for k in order
     ]
 
@@ -100,11 +116,20 @@ def scan_jsonl(src: SourceConfig) -> list[Record]:
     out = []
     for i, row in enumerate(read_jsonl(p)):
         if "image" not in row:
-            raise ValueError(f"{p} line {i + 1}: no 'image' field; each line needs {{\"image\": path, \"caption\": ...}}")
+            raise ValueError(
+                f'{p} line {i + 1}: no \'image\' field; each line needs {{"image": path, "caption": ...}}'
+            )
         img = Path(row["image"])
         img = img if img.is_absolute() else p.parent / img
         source = row.get("source") or _name(src)
-        out.append(Record(key=f"{source}/{Path(row['image']).with_suffix('').as_posix().lstrip('/')}", source=source, path=str(img), caption=row.get("caption")))
+        out.append(
+            Record(
+                key=f"{source}/{Path(row['image']).with_suffix('').as_posix().lstrip('/')}",
+                source=source,
+                path=str(img),
+                caption=row.get("caption"),
+            )
+        )
     return out
 
 

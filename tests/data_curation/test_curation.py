@@ -1,0 +1,349 @@
+"""Curation pipeline: K-means, selection, caption filters, bad images, resume and rank invariance."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_curation.captions import caption_problem, is_repetitive, is_unfinished
+from data_curation.cluster import assign, kmeans
+from data_curation.common import read_jsonl
+from data_curation.config import CaptionConfig, load_config
+from data_curation.embedded import attributes_from_questions, caption_for
+from data_curation.selection import select_nearest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- K-means and selection
+
+
+@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+def test_kmeans_recovers_separated_blobs(backend):
+    """5 Gaussian blobs 20 sigma apart in 16-d: the clustering equals the generating labels."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16)) * 20.0
+    truth = np.repeat(np.arange(5), 200)
+    x = (centres[truth] + rng.normal(size=(1000, 16))).astype(np.float32)
+    # Lloyd from random points can merge two blobs (a local optimum, not a bug): start one per blob.
+    init = x[[np.flatnonzero(truth == c)[0] for c in range(5)]]
+    centroids = kmeans(x, 5, 10, seed=0, backend=backend, init=init)
+    labels, _ = assign(x, centroids)
+    assert adjusted_rand_score(truth, labels) == 1.0
+    np.testing.assert_allclose(np.sort(centroids, 0), np.sort(centres, 0), atol=0.3)  # ~ 4 sigma/sqrt(200)
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    """Same seed, same centroids (FAISS samples and initialises from the seed)."""
+    x = np.random.default_rng(1).normal(size=(2000, 8)).astype(np.float32)
+    a = kmeans(x, 10, 5, seed=7, max_points_per_centroid=50)
+    b = kmeans(x, 10, 5, seed=7, max_points_per_centroid=50)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_selection_matches_brute_force():
+    """The n nearest members per centre, checked against a float64 numpy brute force."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(500, 12)).astype(np.float32)
+    # Uneven clusters: some centres sit far from the data, so they get fewer than n members.
+    centroids = np.concatenate([x[:6], rng.normal(size=(3, 12)) * 4]).astype(np.float32)
+    labels, dist = assign(x, centroids)
+    d64 = np.sqrt(
+        ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)
+    )  # (N, k)
+    np.testing.assert_array_equal(labels, d64.argmin(1))
+    # float32 ||x||^2 - 2xc + ||c||^2 vs float64 direct: ~1e-6 relative on distances of order 5.
+    np.testing.assert_allclose(dist, d64.min(1), rtol=1e-4, atol=1e-4)
+    n = 40
+    sel = select_nearest(labels, dist, n)
+    assert len(sel) == len(set(sel.tolist()))  # no image twice
+    sizes = np.bincount(labels, minlength=len(centroids))
+    assert (sizes < n).any() and (sizes > n).any()  # both regimes are exercised
+    expected = set()
+    for c in range(len(centroids)):
+        members = np.flatnonzero(labels == c)
+        expected |= set(members[np.argsort(d64[members, c], kind="stable")[:n]].tolist())
+    assert set(sel.tolist()) == expected
+    assert len(sel) == int(np.minimum(sizes, n).sum())
+
+
+# ---------------------------------------------------------------- captions and config
+
+
+@pytest.mark.parametrize(
+    "caption, reason",
+    [
+        ("A blue circle.", None),
+        ("A photo of an astronaut.", None),
+        ('He said "hello there."', None),
+        ("A man in a red shirt and a man in a red shirt and a man in a red shirt.", "caption_repetitive"),
+        ("A dog dog dog dog.", "caption_repetitive"),
+        ("A man riding a horse on the beach with a", "caption_unfinished"),
+        ("A man riding a horse on the", "caption_unfinished"),
+        ("A cat sitting on the.", "caption_unfinished"),
+        ("A cat sitting and...", "caption_unfinished"),
+        ("Cat.", "caption_unfinished"),
+        ("", "no_caption"),
+        (None, "no_caption"),
+    ],
+)
+def test_caption_filters(caption, reason):
+    """Hand-labelled captions: repetitive, cut mid-sentence, missing, fine."""
+    assert caption_problem(caption, CaptionConfig()) == reason
+
+
+def test_caption_filter_thresholds():
+    """Two repeats of a 3-gram are allowed by default, three are not; runs of 3 words allowed, 4 not."""
+    assert not is_repetitive("a red car and a red car.")
+    assert is_repetitive("a red car, a red car, a red car.")
+    assert not is_repetitive("very very very big.")
+    assert is_repetitive("very very very very big.")
+    assert is_unfinished("Big") and not is_unfinished("Big dog!")
+
+
+def test_easy_vqa_attributes_from_questions():
+    """Colour and shape follow from open answers and from negated yes/no questions."""
+    qa = [("what is the blue shape?", "rectangle"), ("is there a red shape?", "no")]
+    assert attributes_from_questions(qa) == ("blue", "rectangle")
+    qa = [("is there not a triangle?", "yes"), ("does the image not contain a circle?", "yes")]
+    assert attributes_from_questions(qa) == (None, "rectangle")
+    assert caption_for("blue", "circle") == "A blue circle." and caption_for(None, "circle") == "A circle."
+
+
+def test_configs_load_and_override():
+    """Both shipped configs parse into typed dataclasses; dotted overrides convert types; typos fail."""
+    cfg = load_config(
+        REPO / "configs/curation/laion.yaml",
+        ["cluster.k=10", "--embed.batch_size", "8", "captions.clip_model=null"],
+    )
+    assert (cfg.cluster.k, cfg.embed.batch_size, cfg.select.per_cluster, cfg.filter.min_side) == (
+        10,
+        8,
+        300,
+        448,
+    )
+    assert cfg.captions.clip_model is None and cfg.embed.model.startswith("EVA")
+    emb = load_config(REPO / "configs/curation/embedded.yaml")
+    assert emb.embed.backend == "timm" and emb.cluster.k * emb.select.per_cluster >= 4000
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config(None, ["cluster.kk=3"])
+    with pytest.raises(ValueError, match="integer"):
+        load_config(None, ["cluster.k=abc"])
+
+
+# ---------------------------------------------------------------- the pipeline on real, bad and odd files
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_sources(root: Path) -> dict:
+    """A folder, a webdataset tar and a JSONL list of real easy-vqa images plus broken / odd files."""
+    from eve.assets import easy_vqa_dir
+
+    imgs = easy_vqa_dir("train") / "images"
+    folder = root / "folder"
+    folder.mkdir(parents=True)
+    for i in range(24):
+        shutil.copy(imgs / f"{i}.png", folder / f"{i}.png")
+        if i != 5:  # image 5 has no caption: dropped as no_caption
+            (folder / f"{i}.txt").write_text(f"A picture number {i}.")
+    shutil.copy(imgs / "0.png", folder / "dup_of_0.png")  # exact duplicate
+    (folder / "dup_of_0.txt").write_text("A duplicate.")
+    with tarfile.open(root / "part-0.tar", "w") as tf:
+        for i in range(24, 40):
+            for name, data in (
+                (f"s{i}.png", (imgs / f"{i}.png").read_bytes()),
+                (f"s{i}.txt", f"Tar image {i}.".encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    odd = root / "odd"
+    odd.mkdir()
+    base = Image.open(imgs / "40.png").convert("RGB")
+    base.convert("L").save(odd / "grey.png")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(odd / "rgba.png")
+    base.convert("P").save(odd / "palette.png")
+    base.convert("CMYK").save(odd / "cmyk.jpg", quality=95)
+    Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(odd / "i16.png")
+    base.resize((8, 8)).save(odd / "tiny.png")
+    (odd / "corrupt.png").write_bytes(b"\x89PNG not really an image" * 20)
+    full = _png(Image.open(imgs / "41.png").convert("RGB"))
+    (odd / "truncated.png").write_bytes(full[: len(full) // 2])
+    names = [
+        "grey.png",
+        "rgba.png",
+        "palette.png",
+        "cmyk.jpg",
+        "i16.png",
+        "tiny.png",
+        "corrupt.png",
+        "truncated.png",
+        "missing.png",
+    ]
+    with open(root / "odd.jsonl", "w") as f:
+        for n in names:
+            f.write(json.dumps({"image": f"odd/{n}", "caption": f"An odd image {n.split('.')[0]}."}) + "\n")
+    return {"n_images": 25 + 16 + len(names)}
+
+
+def overrides(src: Path, out: Path) -> list[str]:
+    """A tiny, fast config: real efficientnet-lite0 at 32 px, 6 clusters x 6 images."""
+    sources = json.dumps(
+        [
+            {"type": "folder", "path": str(src / "folder"), "name": "folder"},
+            {"type": "wds", "path": str(src / "part-0.tar"), "name": "tars"},
+            {"type": "jsonl", "path": str(src / "odd.jsonl"), "name": "odd"},
+        ]
+    )
+    return [
+        f"out_dir={out}", f"sources={sources}", "scan.shard_size=8", "filter.min_side=16", "filter.num_workers=0",
+        "embed.backend=timm", "embed.model=efficientnet_lite0", "embed.weights=asset:efficientnet_lite0",
+        "embed.image_size=32", "embed.batch_size=4", "embed.num_workers=0", "cluster.k=6", "cluster.iterations=10",
+        "select.per_cluster=6", "shard.samples_per_shard=10", "barrier_timeout_s=120",
+    ]  # fmt: skip
+
+
+def run_subprocess(src: Path, out: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m data_curation.run` in a fresh process (one thread, like the in-process reference)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "data_curation.run", *overrides(src, out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def output_digest(out: Path) -> dict[str, str]:
+    """SHA-1 of every output tar, the manifest and the centroids."""
+    files = sorted((out / "shards").glob("*.tar")) + [
+        out / "shards" / "manifest.jsonl",
+        out / "cluster" / "centroids.npy",
+    ]
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted single-rank run (in process, one thread)."""
+    from data_curation import run
+
+    root = tmp_path_factory.mktemp("curation")
+    info = make_sources(root / "src")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run.main(overrides(root / "src", root / "ref"))
+    finally:
+        torch.set_num_threads(threads)
+    return root, info
+
+
+def test_bad_and_odd_images_are_counted_and_converted(reference):
+    """Missing, corrupt, truncated, tiny files and duplicates are counted; L/RGBA/P/CMYK/I;16 convert."""
+    root, info = reference
+    report = json.loads((root / "ref" / "report" / "report.json").read_text())
+    c = report["counts"]
+    assert c["scanned"] == info["n_images"]
+    assert (
+        c["dropped_missing"],
+        c["dropped_decode_error"],
+        c["dropped_too_small"],
+        c["dropped_duplicate"],
+    ) == (1, 2, 1, 1)
+    assert c["dropped_no_caption"] == 1
+    # L, RGBA, P, CMYK and I;16 files all pass the decode check (converted to RGB on the way).
+    status = {
+        r["key"].split("/")[-1]: r
+        for p in sorted((root / "ref" / "filter").glob("*.jsonl"))
+        for r in read_jsonl(p)
+    }
+    for name, mode in (("grey", "L"), ("rgba", "RGBA"), ("palette", "P"), ("cmyk", "CMYK"), ("i16", "I;16")):
+        assert (status[name]["status"], status[name]["mode"]) == ("ok", mode)
+    assert c["converted_mode"] >= 5
+    manifest = read_jsonl(root / "ref" / "shards" / "manifest.jsonl")
+    assert c["written"] == len(manifest) == c["selected"] - c["dropped_no_caption"]
+    for name in ("cluster_sizes.png", "montage.png"):
+        assert Image.open(root / "ref" / "report" / name).size[0] > 100
+
+
+def test_shards_readable_by_webdataset_and_match_manifest(reference):
+    """webdataset reads every sample; keys, captions and metadata equal the manifest's."""
+    import webdataset as wds
+
+    root, _ = reference
+    out = root / "ref" / "shards"
+    manifest = {m["key"]: m for m in read_jsonl(out / "manifest.jsonl")}
+    urls = [str(p) for p in sorted(out.glob("shard-*.tar"))]
+    assert len(urls) == (len(manifest) + 9) // 10
+    seen = 0
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        m = manifest[s["__key__"]]
+        meta = json.loads(s["json"])
+        assert s["txt"].decode() == m["caption"]
+        assert (meta["source_key"], meta["cluster"], meta["distance"]) == (
+            m["source_key"],
+            m["cluster"],
+            m["distance"],
+        )
+        img = Image.open(io.BytesIO(s[m["ext"]]))
+        img.load()
+        assert img.mode in ("RGB", "L")
+        seen += 1
+    assert seen == len(manifest)
+    clusters = [m["cluster"] for m in manifest.values()]
+    assert max(np.bincount(clusters)) <= 6  # n per cluster
+
+
+def test_resume_after_sigkill_gives_identical_output(reference):
+    """SIGKILL after the first cached feature shard, re-run: the same bytes as the uninterrupted run."""
+    root, _ = reference
+    out = root / "killed"
+    first = run_subprocess(root / "src", out, {"EVE_CURATION_KILL_AFTER_SHARDS": "1"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert len(list((out / "embed").glob("shard-*.npy"))) == 1 and not (out / "shards").exists()
+    second = run_subprocess(root / "src", out)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert output_digest(out) == output_digest(root / "ref")
+    assert not list(out.rglob(".*.tmp-*"))  # no temporary file left behind
+
+
+def test_two_ranks_give_the_same_output_as_one(reference):
+    """Two real processes with RANK/WORLD_SIZE split the input shards; rank 0 ends with the same bytes."""
+    root, _ = reference
+    out = root / "ranks"
+    env = {"WORLD_SIZE": "2"}
+    p1 = subprocess.Popen(
+        [sys.executable, "-m", "data_curation.run", *overrides(root / "src", out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env, "RANK": "1"},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    r0 = run_subprocess(root / "src", out, {**env, "RANK": "0"})
+    _, err1 = p1.communicate(timeout=300)
+    assert r0.returncode == 0 and p1.returncode == 0, (r0.stderr[-2000:], err1[-2000:])
+    timings = {p.name for p in (out / "report" / "timings").glob("embed.rank*.json")}
+    assert timings == {"embed.rank0.json", "embed.rank1.json"}
+    assert output_digest(out) == output_digest(root / "ref")
