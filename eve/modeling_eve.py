@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationMixin,
     LlamaConfig,
+    LlamaForCausalLM,
     LlamaModel,
     PreTrainedModel,
 )
@@ -312,10 +313,10 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         """EVE from a plain Llama/Vicuna checkpoint dir (or GGUF): LLM weights copied, PEL/projector initialised."""
         if isinstance(path_or_model, PreTrainedModel):
             llm = path_or_model
+        elif gguf_file:
+            llm = _load_gguf_llama(Path(path_or_model), gguf_file)
         else:
-            load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-            if dtype is not None:
-                load_kwargs["dtype"] = dtype
+            load_kwargs = {"dtype": dtype} if dtype is not None else {}
             llm = AutoModelForCausalLM.from_pretrained(str(path_or_model), **load_kwargs)
         if llm.config.model_type != "llama":
             raise ValueError(
@@ -343,6 +344,26 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
             sum(p.numel() for p in model.vision_tower.parameters()) / 1e6,
         )
         return model
+
+
+def _load_gguf_llama(directory: Path, gguf_file: str) -> LlamaForCausalLM:
+    """A LlamaForCausalLM from a GGUF file (dequantised to fp32) without the accelerate dependency."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # needs the gguf package
+
+    path = directory / gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found (gguf_file is relative to {directory}).")
+    config = LlamaConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    with init.no_init_weights():  # every weight comes from the file
+        llm = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=llm)["tensors"]
+    missing, unexpected = llm.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
+        raise ValueError(
+            f"GGUF file {path} does not hold a Llama model: missing {missing}, unexpected {unexpected}."
+        )
+    llm.tie_weights()
+    return llm
 
 
 # The Llama fields that describe the text model (not generic PreTrainedConfig settings).
