@@ -35,13 +35,14 @@ class ChatSession:
         self,
         model,
         processor,
-        template: str = "vicuna_v1",
+        template: str | None = None,
         image: Image.Image | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
     ):
-        self.model, self.processor, self.template = model, processor, template
+        self.model, self.processor = model, processor
+        self.template = template or processor.template
         self.image = image
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.turns: list[dict[str, str]] = []
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported checkpoint directory")
     p.add_argument("--image", default=None, help="image to talk about")
     p.add_argument("--prompt", default=None, help="ask once, print the answer and exit (else interactive)")
-    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--template", default=None, help="chat template (default: the processor's, vicuna_v1)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0)

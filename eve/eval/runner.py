@@ -59,20 +59,16 @@ def generate(
     **generate_kwargs,
 ) -> list[str]:
     """Answers to a batch of ready-made prompts (left-padded; one image or None per prompt)."""
-    with_image = [im for im in images if im is not None]
-    if with_image and len(with_image) != len(images):
-        raise ValueError("a batch mixes prompts with and without an image; batch them separately")
-    batch = processor(list(prompts), with_image or None, padding_side="left")
+    batch = processor(list(prompts), list(images), padding_side="left")
     batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if "pixel_values" in batch and batch["pixel_values"] is not None:
+    if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    tok = processor.tokenizer
-    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id}
-    kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens}
+    kwargs.update(eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.pad_token_id)
     kwargs.update(generate_kwargs)
     out = model.generate(**batch, **kwargs)
     new_tokens = out[:, batch["input_ids"].shape[1] :]  # generate returns prompt + new tokens
-    return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def _length_key(sample: EvalSample, prompt: str, image_processor) -> tuple:
@@ -90,7 +86,7 @@ def predict(
     samples: Sequence[EvalSample],
     batch_size: int = 16,
     max_new_tokens: int = 16,
-    template: str = "vicuna_v1",
+    template: str | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Greedy answers for `samples`, in their order; generated in length-sorted batches."""
@@ -104,13 +100,7 @@ def predict(
     bar = tqdm(total=len(samples), unit="q", desc="eval", disable=not progress)
     start = 0
     while start < len(order):
-        # A batch never mixes image and text-only prompts (first key element).
-        idx = [order[start]]
-        while len(idx) < batch_size and start + len(idx) < len(order):
-            nxt = order[start + len(idx)]
-            if (samples[nxt].image is None) != (samples[idx[0]].image is None):
-                break
-            idx.append(nxt)
+        idx = order[start : start + batch_size]
         start += len(idx)
         bar.update(len(idx))
         kept, images = [], []
@@ -142,7 +132,7 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
     max_new_tokens: int = 16,
-    template: str = "vicuna_v1",
+    template: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
     model_and_processor: tuple | None = None,
@@ -239,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--template", default=None, help="chat template (default: the processor's, vicuna_v1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quiet", action="store_true", help="no progress bar or info logs")

@@ -13,13 +13,13 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
     """A saved tiny random EveForCausalLM + EveProcessor (the layout of an `export/` directory)."""
     import torch
 
-    from eve import EveConfig, EveForCausalLM, EveImageProcessor, EveProcessor
+    from eve import EveConfig, EveForCausalLM, EveProcessor
 
     path = tmp_path_factory.mktemp("tiny_export")
     config = EveConfig.from_preset("tiny", **TINY_OVERRIDES)
     torch.manual_seed(0)
     EveForCausalLM(config).eval().save_pretrained(path)
-    EveProcessor(tokenizer, EveImageProcessor.from_config(config)).save_pretrained(path)
+    EveProcessor.from_config(tokenizer, config).save_pretrained(path)
     return path
 
 
