@@ -347,3 +347,26 @@ def test_two_ranks_give_the_same_output_as_one(reference):
     timings = {p.name for p in (out / "report" / "timings").glob("embed.rank*.json")}
     assert timings == {"embed.rank0.json", "embed.rank1.json"}
     assert output_digest(out) == output_digest(root / "ref")
+
+
+@pytest.mark.slow
+def test_open_clip_backend_and_similarity_filter(tmp_path):
+    """open_clip by name with random weights: L2-normalised features; the similarity filter scores pairs."""
+    from data_curation.captions import clip_similarity
+    from data_curation.common import Record
+    from data_curation.config import EmbedConfig
+    from data_curation.embed import build_extractor
+    from eve.assets import skimage_photo
+
+    ext, size = build_extractor(
+        EmbedConfig(backend="open_clip", model="ViT-B-32", weights=None, precision="fp32"),
+        torch.device("cpu"),
+    )
+    assert size == 224
+    feats = ext(torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8))
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2))  # fp32 norm of a unit vector: ~1e-7
+    recs = [Record(key=n, source="s", path=str(skimage_photo(n))) for n in ("astronaut.png", "coffee.png")]
+    sims = clip_similarity(
+        recs, ["A photo of an astronaut.", "A cup of coffee."], CaptionConfig(clip_model="ViT-B-32")
+    )
+    assert sims.shape == (2,) and np.all(np.abs(sims) <= 1.0 + 1e-5)
