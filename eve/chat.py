@@ -142,8 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     torch.manual_seed(args.seed)
-    image = load_image(args.image) if args.image else None  # a bad path fails before the model loads
-    model, processor = load_model(args.model, args.device, args.dtype)
+    try:  # a bad path fails before the model loads, with the message and no traceback
+        image = load_image(args.image) if args.image else None
+        model, processor = load_model(args.model, args.device, args.dtype)
+    except (ImageLoadError, FileNotFoundError) as e:
+        logger.error(str(e))
+        return 2
     session = ChatSession(
         model, processor, args.template, image, args.max_new_tokens, args.temperature, args.top_p
     )

@@ -63,15 +63,14 @@ class EvalSample:
     """Benchmark-specific fields used by its metrics (MMVP pair id, CV-Bench source)."""
 
 
-def build_question(sample: EvalSample) -> str:
+def build_question(sample: EvalSample, answer_instruction: bool = True) -> str:
     """The user turn for a sample: question, options "A. ..." if any, and the answer instruction."""
     parts = [f"Context: {sample.context}"] if sample.context else []
     parts.append(sample.question.strip())
     if sample.choices is not None:
         parts += [f"{metrics.LETTERS[i]}. {c}" for i, c in enumerate(sample.choices)]
-        parts.append(MULTIPLE_CHOICE_PROMPT)
-    else:
-        parts.append(SHORT_ANSWER_PROMPT)
+    if answer_instruction:
+        parts.append(MULTIPLE_CHOICE_PROMPT if sample.choices is not None else SHORT_ANSWER_PROMPT)
     return "\n".join(parts)
 
 

@@ -88,11 +88,15 @@ def predict(
     max_new_tokens: int = 16,
     template: str | None = None,
     progress: bool = True,
+    answer_instruction: bool = True,
 ) -> list[str]:
     """Greedy answers for `samples`, in their order; generated in length-sorted batches."""
     from tqdm.auto import tqdm
 
-    prompts = [processor.build_prompt(build_question(s), template, s.image is not None) for s in samples]
+    prompts = [
+        processor.build_prompt(build_question(s, answer_instruction), template, s.image is not None)
+        for s in samples
+    ]
     ip = processor.image_processor
     order = sorted(range(len(samples)), key=lambda i: _length_key(samples[i], prompts[i], ip))
     preds: list[str] = [""] * len(samples)
@@ -137,6 +141,7 @@ def evaluate(
     dtype: str | None = None,
     model_and_processor: tuple | None = None,
     progress: bool = True,
+    answer_instruction: bool = True,
 ) -> dict:
     """Run one benchmark end to end; write `{benchmark}.json` and predictions; return the result."""
     spec = get_benchmark(benchmark)
@@ -150,7 +155,9 @@ def evaluate(
     logger.info(f"{benchmark}: {len(samples)} questions from {data_path}")
     model, processor = model_and_processor or load_model(model_dir, device, dtype)
     t0 = time.perf_counter()
-    preds = predict(model, processor, samples, batch_size, max_new_tokens, template, progress)
+    preds = predict(
+        model, processor, samples, batch_size, max_new_tokens, template, progress, answer_instruction
+    )
     seconds = time.perf_counter() - t0
     result, scores = score_predictions(spec, samples, preds, data_path)
     result.update(
@@ -232,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="chat template (default: the processor's, vicuna_v1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--no-answer-instruction",
+        action="store_true",
+        help="leave out the DESIGN.md answer-format line (for a model fine-tuned without it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     return p
 
@@ -255,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=not args.quiet,
+        answer_instruction=not args.no_answer_instruction,
     )
     print(format_table(result))
     return 0

@@ -291,3 +291,8 @@ def test_missing_images_are_skipped_and_counted(tmp_path, caplog):
 def test_unknown_benchmark_lists_known():
     with pytest.raises(ValueError, match="easy_vqa"):
         B.get_benchmark("nope")
+
+
+def test_prompt_without_answer_instruction():
+    mc = B.EvalSample("1", "Which fruit?", ["B"], None, choices=["Apple", "Banana"])
+    assert B.build_question(mc, answer_instruction=False) == "Which fruit?\nA. Apple\nB. Banana"
