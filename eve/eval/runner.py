@@ -106,7 +106,6 @@ def predict(
     while start < len(order):
         idx = order[start : start + batch_size]
         start += len(idx)
-        bar.update(len(idx))
         kept, images = [], []
         for i in idx:
             try:
@@ -119,6 +118,7 @@ def predict(
             answers = generate(model, processor, [prompts[i] for i in kept], images, max_new_tokens)
             for i, a in zip(kept, answers):
                 preds[i] = a
+        bar.update(len(idx))
     bar.close()
     if unreadable:
         logger.warning(
