@@ -55,27 +55,23 @@ def init_distributed(use_deepspeed: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
     if (world_size > 1 or use_deepspeed) and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # plain `python`: a one-process group
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
-        else:
-            init_method = "env://"
+        if "MASTER_ADDR" not in os.environ:
+            # Plain `python`: a one-process group on a free local port. DeepSpeed reads these variables
+            # itself (and would otherwise try MPI discovery), so they go into this process's environment.
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE="1",
+                LOCAL_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+            )
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(
-                dist_backend="nccl" if device.type == "cuda" else "gloo",
-                init_method=init_method,
-                rank=rank,
-                world_size=world_size,
-                verbose=False,
-            )
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         else:
-            dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                init_method=init_method,
-                rank=rank,
-                world_size=world_size,
-            )
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

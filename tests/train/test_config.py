@@ -1,0 +1,192 @@
+"""Run config: every YAML in configs/ loads and holds the paper's numbers; unknown keys are errors."""
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+import pytest
+
+from train.config import (
+    ConfigError,
+    RunConfig,
+    config_from_argv,
+    config_to_dict,
+    field_docs,
+    load_config,
+    parse_overrides,
+)
+from train.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+TRAIN_YAMLS = sorted(p for d in ("tiny", "eve7b", "eve7b_hd") for p in (CONFIGS / d).glob("*.yaml"))
+
+# DESIGN.md section 2 (the paper's table): lr, global batch, warm-up ratio, max length, template.
+PAPER = {
+    "stage1": dict(lr=4e-4, batch=512, warmup=0.03, max_length=2048, template="plain"),
+    "stage2": dict(lr=4e-5, batch=512, warmup=0.01, max_length=2048, template="plain"),
+    "sft": dict(lr=2e-5, batch=128, warmup=0.01, max_length=2048, template="vicuna_v1"),
+}
+
+
+def test_every_training_yaml_is_covered():
+    names = {str(p.relative_to(CONFIGS)) for p in TRAIN_YAMLS}
+    assert names == {
+        "tiny/stage1.yaml",
+        "tiny/stage2.yaml",
+        "tiny/sft.yaml",
+        "eve7b/stage1.yaml",
+        "eve7b/stage2.yaml",
+        "eve7b/sft.yaml",
+        "eve7b_hd/sft.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_yaml_loads_and_is_consistent(path):
+    config = load_config(path)
+    stage = STAGES[config.stage.name]
+    assert path.stem == {"stage1": "stage1", "stage2": "stage2", "sft": "sft"}[stage.name]
+    # The YAML's template is the stage's template; the optimizer follows the paper's recipe.
+    assert config.data.template == stage.template
+    assert config.optim.weight_decay == 0.0 and config.optim.schedule == "cosine"
+    assert config.optim.warmup_ratio == PAPER[stage.name]["warmup"]
+    assert config.teachers and all(t.loss_weight == 1.0 for t in config.teachers)
+    # Stage 1 starts from an LLM, stages 2-3 from the previous stage's export in the same family.
+    if stage.previous is None:
+        assert config.model.init_path is None
+    else:
+        assert config.model.init_path.endswith(f"/{stage.previous}/export")
+    if config.train.deepspeed is not None:
+        assert (REPO / config.train.deepspeed).is_file()
+
+
+@pytest.mark.parametrize("family", ["eve7b", "eve7b_hd"])
+def test_7b_configs_have_the_paper_numbers(family):
+    for path in sorted((CONFIGS / family).glob("*.yaml")):
+        config = load_config(path)
+        want = PAPER[config.stage.name]
+        assert config.optim.lr == want["lr"], path
+        assert config.train.global_batch_size == want["batch"], path
+        assert config.optim.warmup_ratio == want["warmup"], path
+        assert config.data.max_length == (4096 if family == "eve7b_hd" else want["max_length"]), path
+        assert config.data.template == want["template"], path
+        assert config.model.dtype == "bfloat16" and config.model.gradient_checkpointing, path
+        assert config.train.deepspeed == "configs/deepspeed/zero3.json", path
+        assert config.aligning.layer_step == 4, path  # layers 32, 28, ..., 0 of Vicuna-7B
+        assert config.train.epochs == 1.0 and config.train.max_steps is None, path
+        teacher = config.teachers[0]
+        assert (teacher.image_size, teacher.layer) == (336, -2), path  # CLIP-L/14-336, penultimate
+
+
+def test_hd_sft_raises_the_image_size():
+    config = load_config(CONFIGS / "eve7b_hd/sft.yaml")
+    assert config.model.preset == "eve-7b-hd" and config.model.overrides == {"max_image_size": 1344}
+
+
+def test_tiny_configs_read_the_embedded_demo_data():
+    s1, s2, sft = (load_config(CONFIGS / f"tiny/{n}.yaml") for n in ("stage1", "stage2", "sft"))
+    assert s1.data.shards == s2.data.shards == ["runs/demo/data/curated/shards/*.tar"]
+    assert (sft.data.json, sft.data.image_root) == ("runs/demo/data/sft_easy_vqa.json", "runs/demo/data")
+    assert [c.train.output_dir for c in (s1, s2, sft)] == [
+        "runs/demo/stage1",
+        "runs/demo/stage2",
+        "runs/demo/sft",
+    ]
+    assert s1.model.llm_path is None and s1.model.preset == "tiny"  # a random tiny LLM by default
+    assert (
+        s2.model.init_path == "runs/demo/stage1/export" and sft.model.init_path == "runs/demo/stage2/export"
+    )
+    for c in (s1, s2, sft):
+        assert c.train.deepspeed is None and c.model.dtype == "float32"  # plain CPU path
+        assert [(t.backend, t.name, t.weights) for t in c.teachers] == [("timm", "efficientnet_lite0", None)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_jsons(stage):
+    ds = json.loads((CONFIGS / f"deepspeed/zero{stage}.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    # The engine passes a torch AdamW and its own schedule (no fused/cpu Adam compilation).
+    assert "optimizer" not in ds and "scheduler" not in ds
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert ds[key] == "auto"
+
+
+def test_unknown_yaml_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  lr_warmup: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'optim\.lr_warmup'"):
+        load_config(path)
+    path.write_text("trainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'trainer'"):
+        load_config(path)
+    path.write_text("teachers:\n  - {backend: timm, weight: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'teachers\.0\.weight'"):
+        load_config(path)
+
+
+def test_unknown_command_line_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'train\.lr'"):
+        config_from_argv(["--config", str(CONFIGS / "tiny/stage1.yaml"), "--train.lr", "1e-4"])
+
+
+def test_command_line_overrides_are_typed():
+    config = config_from_argv(
+        [
+            "--config",
+            str(CONFIGS / "tiny/stage1.yaml"),
+            "--optim.lr",
+            "1e-4",  # a string to YAML 1.1: coerced by the field type
+            "--data.max_length=512",
+            "--data.packing",
+            "false",
+            "--optim.betas",
+            "[0.9, 0.95]",
+            "--teachers.0.loss_weight",
+            "0.5",
+            "--resume",
+        ]
+    )
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
+    assert config.data.max_length == 512 and config.data.packing is False
+    assert config.optim.betas == (0.9, 0.95)
+    assert config.teachers[0].loss_weight == 0.5
+    assert config.train.resume == "auto"
+    assert parse_overrides(["--resume", "runs/x/checkpoints/step-0000004"])[1] == [
+        ("train.resume", "runs/x/checkpoints/step-0000004")
+    ]
+
+
+def test_bad_values_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train\.max_steps' must be an integer"):
+        load_config(None, [("train.max_steps", "ten")])
+    with pytest.raises(ConfigError, match=r"'model\.dtype' must be one of"):
+        load_config(None, [("model.dtype", "float16")])
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_a_docstring():
+    def walk(cls):
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            inner = typing.get_args(hints[f.name]) or (hints[f.name],)
+            for tp in inner:
+                if dataclasses.is_dataclass(tp):
+                    walk(tp)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name])
+
+    walk(RunConfig)
+
+
+def test_round_trip_through_a_dict(tmp_path):
+    import yaml
+
+    config = load_config(CONFIGS / "eve7b/sft.yaml")
+    path = tmp_path / "copy.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    assert load_config(path) == config
