@@ -121,7 +121,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        get_logger(__name__).info("saved checkpoint %s", final)
+        get_logger(__name__, dist_info.rank).info("saved checkpoint %s", final)
     barrier()
     return final
 
@@ -160,5 +160,5 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank_state = torch.load(path / f"rank-{dist_info.rank:05d}.pt", weights_only=True)
     set_rng_state(rank_state.pop("rng"))
-    get_logger(__name__).info("resumed from %s (step %d)", path, meta["step"])
+    get_logger(__name__, dist_info.rank).info("resumed from %s (step %d)", path, meta["step"])
     return meta["step"], rank_state

@@ -382,7 +382,7 @@ def export(
                     {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")}
                 )
             aligner.save(output)
-        get_logger(__name__).info("exported %s", output)
+        get_logger(__name__, dist_info.rank).info("exported %s", output)
     barrier()
 
 

@@ -15,20 +15,23 @@ from typing import Any
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def get_logger(name: str, rank: int = 0) -> logging.Logger:
+def get_logger(name: str, rank: int) -> logging.Logger:
     """`name`'s logger: INFO on rank 0, WARNING elsewhere (so every rank still reports problems)."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return logger
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The entry scripts' stderr handler (a type of its own, so that it is added once)."""
+
+
 def setup_console_logging(rank: int = 0) -> None:
     """For entry scripts: one stderr handler with timestamps (rank 0 INFO, others WARNING)."""
     root = logging.getLogger()
-    if not any(getattr(h, "_eve_handler", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        handler = _ConsoleHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT if rank == 0 else f"[rank {rank}] {LOG_FORMAT}"))
-        handler._eve_handler = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
@@ -59,7 +62,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                get_logger(__name__).warning("tensorboard is not installed: logging to metrics.jsonl only")
+                get_logger(__name__, 0).warning("tensorboard is not installed: logging to metrics.jsonl only")
             else:
                 self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
 
