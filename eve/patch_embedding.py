@@ -196,7 +196,8 @@ class EvePatchEmbedding(nn.Module):
         n_images = grid.shape[0]
         cls = self.class_embedding.expand(n_images, dim)  # (n, C)
         cls = self.global_attention(cls, local, layout.cls_key_index, layout.cls_key_mask)  # (n, C), CA2
+        # The projector acts per token, so it commutes with the reordering; SPL is one vector, projected once.
+        projected = self.projector(torch.cat([cls, local]))  # (n + N, D)
         n_rows = int(grid[:, 0].sum())
-        spl = self.split_embedding.expand(n_rows, dim)  # (R, C)
-        tokens = torch.cat([cls, local, spl])[layout.gather]  # (T, C) in [CLS] row [SPL] ... order
-        return self.projector(tokens)  # (T, D)
+        spl = self.projector(self.split_embedding[None]).expand(n_rows, -1)  # (R, D)
+        return torch.cat([projected, spl])[layout.gather]  # (T, D) in [CLS] row [SPL] ... order
