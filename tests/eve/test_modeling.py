@@ -258,14 +258,19 @@ def test_eager_attention_matches_sdpa(tiny_config, samples):
 
 
 def test_save_pretrained_auto_model_round_trip(tmp_path, tiny_model, samples):
-    """save_pretrained (safetensors) -> AutoModelForCausalLM.from_pretrained: identical logits."""
+    """save_pretrained (safetensors) -> AutoModelForCausalLM.from_pretrained: identical weights and logits."""
     tiny_model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, EveForCausalLM)
+    ours, theirs = tiny_model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit for bit
     batch = collate(samples)
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, tiny_model(**batch).logits)
+        # Loaded weights are memory-mapped at 8-byte alignment, so the CPU GEMM may take another
+        # SIMD path than for 64-byte-aligned fresh tensors: results differ by ~1 ulp (3e-7 measured on
+        # O(0.3) logits). Bitwise-equal weights are checked above; 1e-6 only admits that rounding.
+        torch.testing.assert_close(loaded(**batch).logits, tiny_model(**batch).logits, atol=1e-6, rtol=0)
 
 
 def test_batched_greedy_generate_equals_one_by_one(tiny_model, samples, tiny_config):
