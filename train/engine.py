@@ -257,22 +257,42 @@ def build_train_loader(
 
 
 def count_records(config: RunConfig) -> int:
-    """Training records per epoch (before bad ones are skipped), for `epochs`-based step counts."""
+    """Training records per epoch (before bad ones are skipped), for `epochs`-based step counts.
+
+    LLaVA JSON: its entries. Shards: the curation's manifest.jsonl beside them (its "shard" field),
+    else tar headers are read (a full pass over the files: only for small sets).
+    """
     from train.data import expand_shards
 
     dc = config.data
     if dc.json is not None:
+        text = Path(dc.json).read_text()
         n = (
-            len(json.loads(Path(dc.json).read_text()))
-            if not dc.json.endswith(".jsonl")
-            else sum(1 for line in Path(dc.json).read_text().splitlines() if line.strip())
+            sum(1 for line in text.splitlines() if line.strip())
+            if dc.json.endswith(".jsonl")
+            else len(json.loads(text))
         )
-    else:
-        n = 0
-        for shard in expand_shards(dc.shards):
-            with tarfile.open(shard, "r|*") as tar:  # headers only: cheap for demo-sized shards
-                keys = {m.name.split(".", 1)[0] for m in tar if m.isfile()}
-            n += len(keys)
+        return n if dc.max_samples is None else min(n, dc.max_samples)
+    shards = [Path(p) for p in expand_shards(dc.shards)]
+    per_shard: dict[Path, int] = {}
+    for manifest in {p.parent / "manifest.jsonl" for p in shards}:
+        if manifest.is_file():
+            for line in manifest.read_text().splitlines():
+                if line.strip():
+                    shard = manifest.parent / json.loads(line)["shard"]
+                    per_shard[shard] = per_shard.get(shard, 0) + 1
+    n = 0
+    for shard in shards:
+        if shard in per_shard:
+            n += per_shard[shard]
+            continue
+        if shard.stat().st_size > 2**30:
+            raise ValueError(
+                f"{shard} is not listed in a manifest.jsonl beside it: set train.max_steps "
+                "(counting the samples of large shards would read them all)"
+            )
+        with tarfile.open(shard, "r|*") as tar:  # headers only
+            n += len({m.name.split(".", 1)[0] for m in tar if m.isfile()})
     return n if dc.max_samples is None else min(n, dc.max_samples)
 
 
@@ -433,7 +453,7 @@ def train(config: RunConfig) -> Path:
     aligner = build_aligner(config, model, teachers, config.model.init_path, dist_info.rank)
     module = TrainModule(model, aligner).to(dist_info.device)
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     groups = module_groups(model, aligner)
     param_groups = apply_stage(stage, module, groups, config.optim.lr, config.optim.lr_scale)
     log_parameter_counts(stage, groups, dist_info.rank)
