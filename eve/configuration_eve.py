@@ -40,7 +40,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EVE-7B: long side 672 px -> 24 tokens; a square image is 1 + 24 * 25 = 601 LLM tokens.
     "eve-7b": {**_VICUNA_7B, **_EVE_VISION, "max_image_size": 672},
     # EVE-7B-HD: long side 1344 px -> 48 tokens; a square image is 1 + 48 * 49 = 2353 LLM tokens.
-    "eve-7b-hd": {**_VICUNA_7B, **_EVE_VISION, "max_image_size": 1344},
+    # The short side is rounded to 56 px (not p*s = 28) so the 48-token grid pools 2x onto the teacher's.
+    "eve-7b-hd": {**_VICUNA_7B, **_EVE_VISION, "max_image_size": 1344, "image_resize_multiple": 56},
     # A CPU demo size over the real 32000-token Llama vocabulary: a 64 px image is an 8 x 8 grid.
     "tiny": dict(
         vocab_size=32000,
@@ -82,6 +83,8 @@ class EveConfig(LlamaConfig):
     """CA1/CA2 logit scale: "official" = C^-0.5 (as the released EVE code), "head_dim" = (C/heads)^-0.5."""
     max_image_size: int = 672
     """Long side of an image in pixels after resizing (672 for EVE-7B, 1344 for EVE-7B-HD)."""
+    image_resize_multiple: int | None = None
+    """Px the short side is rounded up to (None = p*s); EVE-7B-HD uses 56 so its grid is always even."""
     mm_projector_type: str = "mlp2x_gelu"
     """Projector from the PEL to the LLM: "mlp2x_gelu" = Linear(C, D) -> GELU -> Linear(D, D)."""
     image_token_index: int = -200
@@ -109,6 +112,11 @@ class EveConfig(LlamaConfig):
             raise ValueError(
                 f"max_image_size ({self.max_image_size}) must be a multiple of patch*stride "
                 f"({self.vision_patch_size * self.vision_conv_stride})."
+            )
+        if self.image_resize_multiple is not None and self.image_resize_multiple % self.image_token_stride:
+            raise ValueError(
+                f"image_resize_multiple ({self.image_resize_multiple}) must be a multiple of patch*stride "
+                f"({self.image_token_stride})."
             )
         if self.image_token_index >= 0:
             raise ValueError(

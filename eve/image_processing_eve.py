@@ -205,6 +205,7 @@ class EveImageProcessor(ImageProcessingMixin):
             patch_size=config.vision_patch_size,
             conv_stride=config.vision_conv_stride,
             max_image_size=config.max_image_size,
+            resize_multiple=config.image_resize_multiple,
             image_mean=list(config.image_mean),
             image_std=list(config.image_std),
         )

@@ -214,3 +214,15 @@ def test_save_and_load_round_trip(tmp_path):
     assert (back.patch_size, back.conv_stride, back.max_image_size, back.multiple) == (14, 2, 1344, 56)
     assert back.image_mean == pytest.approx(CLIP_MEAN) and back.image_std == pytest.approx(CLIP_STD)
     assert back.grid_hw(37, 100) == ip.grid_hw(37, 100) == (18, 48)  # 1344*37/100 = 497 px -> 9 * 56 = 504
+
+
+def test_hd_preset_rounds_short_side_to_56_px():
+    """EVE-7B-HD: 1344 x 700 px -> short side 700 * 1344 / 1344 = 700 -> 728 (13 x 56), grid (26, 48)."""
+    from eve import EveConfig
+
+    processor = EveImageProcessor.from_config(EveConfig.from_preset("eve-7b-hd"))
+    assert processor.target_size(700, 1344) == (728, 1344)
+    assert processor.grid_hw(700, 1344) == (26, 48)
+    # EVE-7B keeps p*s = 28 px: 336 x 672 -> 350 px is not a multiple of 28, so 364 (13 x 28).
+    processor = EveImageProcessor.from_config(EveConfig.from_preset("eve-7b"))
+    assert processor.target_size(350, 672) == (364, 672)
