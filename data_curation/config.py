@@ -40,7 +40,7 @@ class FilterConfig:
     """Decode check, resolution filter, exact-duplicate removal."""
 
     min_side: int = 448
-    """Keep an image only when its shorter side is at least this many pixels (EVE: 448)."""
+    """Keep an image only when its shorter side is larger than this many pixels (EVE: > 448)."""
     dedup: bool = True
     """Drop exact duplicates (same file bytes, SHA-1); the first occurrence in scan order is kept."""
     num_workers: int = 4

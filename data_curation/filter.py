@@ -47,7 +47,7 @@ def check_image(rec: Record, min_side: int) -> dict:
     row.update(
         width=w, height=h, format=fmt, mode=mode, converted=converted, sha1=hashlib.sha1(data).hexdigest()
     )
-    row["status"] = "ok" if min(w, h) >= min_side else "too_small"
+    row["status"] = "ok" if min(w, h) > min_side else "too_small"
     return row
 
 

@@ -370,3 +370,18 @@ def test_open_clip_backend_and_similarity_filter(tmp_path):
         recs, ["A photo of an astronaut.", "A cup of coffee."], CaptionConfig(clip_model="ViT-B-32")
     )
     assert sims.shape == (2,) and np.all(np.abs(sims) <= 1.0 + 1e-5)
+
+
+def test_resolution_filter_keeps_only_images_larger_than_min_side(tmp_path):
+    """EVE keeps images larger than 448 x 448: a 448 px short side is dropped, 449 px is kept."""
+    from PIL import Image
+
+    from data_curation.common import Record
+    from data_curation.filter import check_image
+
+    statuses = {}
+    for size in [(448, 600), (449, 449), (600, 448)]:
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.new("RGB", size, (10, 20, 30)).save(path)
+        statuses[size] = check_image(Record(key=path.stem, source="t", path=str(path)), 448)["status"]
+    assert statuses == {(448, 600): "too_small", (449, 449): "ok", (600, 448): "too_small"}
