@@ -301,12 +301,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
 
 
 def _parse_cli_value(text: str) -> Any:
-    """A command-line value: YAML for lists, null and booleans; numbers are coerced later by type."""
+    """A command-line value read as YAML (lists, mappings, null, booleans); coerced later by field type."""
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return text if isinstance(value, dict) else value
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:

@@ -227,3 +227,24 @@ def test_split_into_micro_batches_gives_the_same_step(packing):
         # ~1e-7 of the magnitudes summed, so entries near zero need an absolute, scale-aware bound.
         err = (gb[name] - ga[name]).abs().max().item()
         assert err <= 1e-5 * ga[name].abs().max().item() + 1e-9, (name, err)
+
+
+@pytest.mark.slow
+def test_stage1_from_the_embedded_smollm2_gguf(tmp_path):
+    """A real pretrained Llama-architecture LLM (GGUF) as the stage-1 start: CE far below uniform."""
+    from eve.assets import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    shards = write_shards(tmp_path / "shards", n_samples=8, per_shard=8)
+    vision = {k: v for k, v in TINY_MODEL.items() if k.startswith(("vision_", "max_image"))}
+    tree = tiny_run_config(
+        tmp_path,
+        "stage1",
+        data={"shards": shards},
+        model={"overrides": vision, "llm_path": str(gguf.parent), "gguf_file": gguf.name},
+        aligning={"layer_step": 10},
+        train={"max_steps": 1},
+    )
+    export = run_stage("stage1", ["--config", write_yaml(tmp_path / "c.yaml", tree)])
+    first = read_metrics(export.parent)[0]
+    assert first["ce_loss"] < 0.7 * math.log(49152)  # a random LLM sits near log(vocab) = 10.8
