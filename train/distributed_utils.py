@@ -55,24 +55,37 @@ def init_distributed(use_deepspeed: bool) -> DistInfo:
     else:
         device = torch.device("cpu")
     if (world_size > 1 or use_deepspeed) and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # started by a launcher
+            _init_process_group(backend, use_deepspeed, rank, world_size)
+        else:
             # Plain `python`: a one-process group on a free local port. DeepSpeed reads these variables
             # itself (and would otherwise try MPI discovery), so they go into this process's environment.
-            os.environ.update(
-                RANK="0",
-                WORLD_SIZE="1",
-                LOCAL_RANK="0",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()),
-            )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if use_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        else:
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+            # The port is probed then bound: another process may take it in between, so retry.
+            for attempt in range(5):
+                os.environ.update(
+                    RANK="0",
+                    WORLD_SIZE="1",
+                    LOCAL_RANK="0",
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(_free_port()),
+                )
+                try:
+                    _init_process_group(backend, use_deepspeed, 0, 1)
+                    break
+                except dist.DistNetworkError:
+                    if attempt == 4:
+                        raise
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _init_process_group(backend: str, use_deepspeed: bool, rank: int, world_size: int) -> None:
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    else:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
 
 
 def is_distributed() -> bool:

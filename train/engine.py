@@ -130,6 +130,60 @@ def _require_dir(path: str | None, what: str, fix: str) -> Path:
     return Path(path)
 
 
+def init_dir(config: RunConfig, stage: Stage) -> Path | None:
+    """The export this stage starts from (stages 2-3: required), or None for stage 1 from an LLM."""
+    mc = config.model
+    if stage.previous is None and mc.init_path is None:
+        return None
+    previous = get_stage(stage.previous).make_target if stage.previous else None
+    fix = (
+        f"run `make {previous}` first (it writes that export), or set --model.init_path"
+        if previous
+        else "set --model.init_path to an export directory"
+    )
+    return _require_dir(mc.init_path, f"{stage.name}: model.init_path", fix)
+
+
+def llm_dir(config: RunConfig) -> Path | None:
+    """Stage 1's LLM directory, or None for a random tiny LLM (other presets need one)."""
+    mc = config.model
+    if mc.llm_path is None:
+        if mc.preset != "tiny":
+            raise ValueError(
+                f"model.llm_path is not set: preset {mc.preset!r} starts from a pretrained LLM "
+                "(EVE-7B: Vicuna-7B v1.5); only the 'tiny' preset may start from a random LLM"
+            )
+        return None
+    return _require_dir(
+        mc.llm_path,
+        "model.llm_path",
+        "set it to a local Llama/Vicuna directory (e.g. Vicuna-7B v1.5) in the YAML or with --model.llm_path",
+    )
+
+
+def check_inputs(config: RunConfig, stage: Stage) -> None:
+    """Fail before any process group or model is built when a path in the config is missing."""
+    from train.data import expand_shards
+
+    if init_dir(config, stage) is None:
+        llm_dir(config)
+    if config.train.deepspeed is not None and not Path(config.train.deepspeed).is_file():
+        raise FileNotFoundError(
+            f"train.deepspeed: {config.train.deepspeed} does not exist (see configs/deepspeed/)"
+        )
+    if config.data.json is not None and not Path(config.data.json).is_file():
+        raise FileNotFoundError(
+            f"data.json: {config.data.json} does not exist (`make curate` writes the demo's)"
+        )
+    if config.data.shards:
+        expand_shards(config.data.shards)
+    for i, teacher in enumerate(config.teachers):
+        if teacher.weights is not None and not Path(teacher.weights).exists():
+            raise FileNotFoundError(
+                f"teachers.{i}.weights: {teacher.weights} does not exist: set a local path"
+            )
+
+
 def build_model(config: RunConfig, stage: Stage):
     """(EveForCausalLM, EveProcessor) for this stage: from the previous stage's export, an LLM, or random."""
     from transformers import LlamaConfig
@@ -141,14 +195,8 @@ def build_model(config: RunConfig, stage: Stage):
     mc = config.model
     template = config.data.template or stage.template
     dtype = torch.float32  # master weights; bf16 is autocast (plain) or DeepSpeed's bf16 mode
-    if stage.previous is not None or mc.init_path is not None:
-        previous = get_stage(stage.previous).make_target if stage.previous else None
-        fix = (
-            f"run `make {previous}` first (it writes that export), or set --model.init_path"
-            if previous
-            else "set --model.init_path to an export directory"
-        )
-        init = _require_dir(mc.init_path, f"{stage.name}: model.init_path", fix)
+    init = init_dir(config, stage)
+    if init is not None:
         model = EveForCausalLM.from_pretrained(
             str(init), dtype=dtype, attn_implementation=mc.attn_implementation, **mc.overrides
         )
@@ -157,12 +205,8 @@ def build_model(config: RunConfig, stage: Stage):
         return model, processor
 
     vision = {k: v for k, v in PRESETS[mc.preset].items() if k not in LlamaConfig.__dataclass_fields__}
-    if mc.llm_path is not None:
-        llm = _require_dir(
-            mc.llm_path,
-            "model.llm_path",
-            "set it to a local Llama/Vicuna directory (e.g. Vicuna-7B v1.5) in the YAML or with --model.llm_path",
-        )
+    llm = llm_dir(config)
+    if llm is not None:
         model = EveForCausalLM.from_llm(
             str(llm), gguf_file=mc.gguf_file, dtype=dtype, **{**vision, **mc.overrides}
         )
@@ -177,11 +221,6 @@ def build_model(config: RunConfig, stage: Stage):
         else:
             tokenizer = load_tokenizer(llm)
     else:
-        if mc.preset != "tiny":
-            raise ValueError(
-                f"model.llm_path is not set: preset {mc.preset!r} starts from a pretrained LLM "
-                "(EVE-7B: Vicuna-7B v1.5); only the 'tiny' preset may start from a random LLM"
-            )
         model = EveForCausalLM(EveConfig.from_preset(mc.preset, **mc.overrides))
         tokenizer = load_tokenizer(mc.tokenizer_path) if mc.tokenizer_path else load_default_tokenizer()
     model.set_attn_implementation(mc.attn_implementation)
@@ -425,6 +464,7 @@ def train(config: RunConfig) -> Path:
     """Train one stage; returns the export directory (or the run directory when stopped early)."""
     stage = get_stage(config.stage.name)
     tc = config.train
+    check_inputs(config, stage)
     use_ds = tc.deepspeed is not None
     dist_info = init_distributed(use_ds)
     logger = get_logger(__name__, dist_info.rank)

@@ -36,7 +36,10 @@ def free_port() -> int:
 
 
 def launch(launcher: list[str], script: str, args: list[str], timeout: int = 600) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    # A launcher's variables must come from the launcher, not from this process's environment.
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [*launcher, str(REPO / script), *args],
         cwd=REPO,
@@ -49,13 +52,8 @@ def launch(launcher: list[str], script: str, args: list[str], timeout: int = 600
 
 
 def torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-    ]
+    # --standalone: a local rendezvous on a port the OS assigns (no probe-then-bind race).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
 @pytest.fixture(scope="module")
