@@ -45,7 +45,9 @@ def three_stages(tmp_path_factory):
         tmp,
         "sft",
         data={"json": str(sft_json), "image_root": str(tmp / "sft"), "packing": False},
-        model={"init_path": str(runs["stage2"])},
+        # As EVE-7B-HD fine-tunes a 672-px model at 1344 px: 64 px here, an 8x8 student grid pooled
+        # 2x onto the teacher's 4x4.
+        model={"init_path": str(runs["stage2"]), "overrides": {"max_image_size": 64}},
         train={"output_dir": str(tmp / "sft_run"), "max_steps": 3},
     )
     runs["sft"] = run_stage("sft", ["--config", write_yaml(tmp / "s3.yaml", s3)])
@@ -86,6 +88,11 @@ def test_exports_load_and_chain(three_stages):
         model = EveForCausalLM.from_pretrained(str(export))
         assert model.config.hidden_size == TINY_MODEL["hidden_size"]
         processor = EveProcessor.from_pretrained(str(export))
+        size = 64 if stage == "sft" else TINY_MODEL["max_image_size"]
+        assert model.config.max_image_size == size
+        assert processor.image_processor.preprocess([draw(3)[0]])["image_grid_hw"].tolist() == [
+            [size // 8] * 2
+        ]
         assert processor.template == ("vicuna_v1" if stage == "sft" else "plain")
         PatchAligner.load(export)
     # Stage 1 leaves the LLM untouched; stage 2 changes it.
