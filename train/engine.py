@@ -489,7 +489,8 @@ def train(config: RunConfig) -> Path:
     # Same seed on every rank: identical initial weights (DeepSpeed does not broadcast ZeRO-3 init).
     torch.manual_seed(tc.seed)
     model, processor = build_model(config, stage)
-    teachers = build_teachers(config.teachers).to(dist_info.device)
+    # The stage table says which losses a stage trains; the aligning loss needs the teachers.
+    teachers = build_teachers(config.teachers if "align" in stage.losses else []).to(dist_info.device)
     aligner = build_aligner(config, model, teachers, config.model.init_path, dist_info.rank)
     module = TrainModule(model, aligner).to(dist_info.device)
     if config.model.gradient_checkpointing:
@@ -573,7 +574,7 @@ def train(config: RunConfig) -> Path:
                 "lr": lr,
                 "tokens_per_s": stats.tokens / dt,
             }
-            for t, value in zip(config.teachers, stats.per_teacher):
+            for t, value in zip((t.config for t in teachers.teachers), stats.per_teacher):
                 record[f"align_loss/{t.backend}:{t.name}"] = value
             metrics.write(record)
         if progress is not None:
@@ -621,7 +622,7 @@ def train_step(
 ) -> StepStats:
     """Forward/backward over this rank's micro-batches and one optimizer step."""
     n_teachers = len(teachers.teachers)
-    weights = [t.loss_weight for t in config.teachers]
+    weights = teachers.loss_weights
     # Global normalisers: supervised tokens and, per teacher, aligned images of the whole step.
     local = [0.0] * (2 + n_teachers)
     for batch in micro:
