@@ -172,4 +172,3 @@ def frozen_check(module: nn.Module) -> None:
     live = [n for n, p in module.named_parameters() if p.requires_grad]
     if live:
         raise RuntimeError(f"teacher parameters must be frozen, found trainable: {live[:5]}")
-
