@@ -50,7 +50,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Parameter dtype. Under DeepSpeed "bfloat16" turns on its bf16 mode (fp32 master weights)."""
+    """Training precision. "bfloat16": bf16 autocast over fp32 weights (plain loop) or DeepSpeed's bf16
+    mode (bf16 weights, fp32 master copy in the optimizer); exports keep the training dtype."""
 
 
 @dataclass

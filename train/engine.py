@@ -31,7 +31,7 @@ from train.aligning import ALIGNER_CONFIG, AlignerConfig, PatchAligner, layers_f
 from train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RunConfig, config_to_dict
 from train.distributed_utils import DistInfo, all_reduce_sum, barrier, init_distributed
-from train.stages import Stage, apply_stage, get_stage, log_parameter_counts, module_groups
+from train.stages import Stage, apply_stage, frozen_check, get_stage, log_parameter_counts, module_groups
 from train.teacher import TeacherSet, build_teachers, teacher_keys
 from train.train_logging import MetricsWriter, get_logger
 
@@ -491,6 +491,7 @@ def train(config: RunConfig) -> Path:
     model, processor = build_model(config, stage)
     # The stage table says which losses a stage trains; the aligning loss needs the teachers.
     teachers = build_teachers(config.teachers if "align" in stage.losses else []).to(dist_info.device)
+    frozen_check(teachers)
     aligner = build_aligner(config, model, teachers, config.model.init_path, dist_info.rank)
     module = TrainModule(model, aligner).to(dist_info.device)
     if config.model.gradient_checkpointing:

@@ -162,11 +162,6 @@ def log_parameter_counts(
     return counts
 
 
-def trainable_count(module: nn.Module) -> int:
-    """Number of trainable parameters of a module."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def frozen_check(module: nn.Module) -> None:
     """Raise if any parameter of `module` (a teacher) could receive a gradient."""
     live = [n for n, p in module.named_parameters() if p.requires_grad]
