@@ -82,7 +82,12 @@ def test_7b_configs_have_the_paper_numbers(family):
 
 def test_hd_sft_raises_the_image_size():
     config = load_config(CONFIGS / "eve7b_hd/sft.yaml")
-    assert config.model.preset == "eve-7b-hd" and config.model.overrides == {"max_image_size": 1344}
+    from eve.configuration_eve import PRESETS
+
+    assert config.model.preset == "eve-7b-hd"
+    # The stage 2 export is an eve-7b model: the overrides turn its vision fields into the HD preset's.
+    hd_vision = {k: v for k, v in PRESETS["eve-7b-hd"].items() if PRESETS["eve-7b"].get(k) != v}
+    assert config.model.overrides == hd_vision == {"max_image_size": 1344, "image_resize_multiple": 56}
 
 
 def test_tiny_configs_read_the_embedded_demo_data():
