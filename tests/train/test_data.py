@@ -202,3 +202,24 @@ def test_webdataset_shards_with_truncation_and_teacher_views(tmp_path, processor
     assert stats["truncated_shard"] == 1 and stats["corrupt_image"] == 1 and stats["broken_json"] == 1
     assert stats["missing_caption"] == 1
     assert n >= 5  # s0..s3 and s7 at least (what survives of c.tar depends on where the cut fell)
+
+
+def test_images_behind_a_symlink_inside_the_root_are_read(tmp_path, processor):
+    """A root that links to images elsewhere (as the demo links into site-packages) is not an escape."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg").write_bytes(_jpeg(1))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    path = tmp_path / "sft.json"
+    path.write_text(
+        json.dumps([{"id": "a", "image": "linked/a.jpg", "conversations": _turns("<image>\nQ?")}])
+    )
+    opts = DataOptions(
+        json=str(path), image_root=str(root), template="vicuna_v1", max_length=200, batch_size=1
+    )
+    loader = build_dataloader(opts, processor)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["image_grid_hw"].shape[0] == 1
+    assert loader.stats() == {}
