@@ -149,6 +149,10 @@ class CurationConfig:
     """Build the embedded default sources (`data_curation.embedded`) into `embedded_dir` first."""
     embedded_dir: str = "runs/demo/data"
     """Where `embedded: true` writes the embedded default sources."""
+    embedded_sft_turns: int = 0
+    """Questions of one image per SFT conversation in the embedded default (0: all of them)."""
+    embedded_sft_instruction: bool = True
+    """Append the short-answer instruction of the evaluation prompt to each embedded SFT question."""
     seed: int = 0
     """Seed of everything random (clustering, shuffling)."""
     barrier_timeout_s: float = 86400.0

@@ -5,7 +5,7 @@
   and `easy_vqa/{train,test}/questions.json`,
 - `skimage_photos/` (a link to scikit-image's data folder),
 - `sources.jsonl`: one `{"image", "caption", "source"}` per curation input (paths relative to it),
-- `sft_easy_vqa.json`: LLaVA JSON, one multi-turn conversation per train image with all its questions.
+- `sft_easy_vqa.json`: LLaVA JSON, conversations of `sft_turns` questions of one train image (0: all).
 """
 
 from __future__ import annotations
@@ -159,9 +159,15 @@ def link_or_copy(target: Path, link: Path) -> None:
         (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
 
 
-def build(out: str | Path, seed: int = 0) -> dict:
-    """Write the embedded default sources under `out`; returns counts."""
+def build(out: str | Path, seed: int = 0, sft_turns: int = 0, sft_instruction: bool = True) -> dict:
+    """Write the embedded default sources under `out`; returns counts.
+
+    `sft_turns` questions of an image go into one conversation (0: all of them). Fewer turns cost more
+    tokens per answer but leave less to read off earlier answers: the evaluation asks one question at
+    a time. `sft_instruction` appends the short-answer instruction that the evaluation prompt ends with.
+    """
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
+    from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
 
     out = Path(out)
     for split in ("train", "test"):
@@ -185,16 +191,21 @@ def build(out: str | Path, seed: int = 0) -> dict:
         rows.append({"image": f"skimage_photos/{name}", "caption": caption, "source": "skimage"})
     write_jsonl_atomic(out / "sources.jsonl", rows)
 
+    rng = random.Random(seed)
     sft = []
     for i in sorted(per_image):
-        conv = []
-        for t, (q, a) in enumerate(per_image[i]):
-            conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
-            conv.append({"from": "gpt", "value": a})
-        sft.append(
-            {"id": f"easy_vqa_train_{i}", "image": f"easy_vqa/train/images/{i}.png", "conversations": conv}
-        )
-    random.Random(seed).shuffle(sft)
+        qa = list(per_image[i])
+        rng.shuffle(qa)
+        step = sft_turns if sft_turns > 0 else len(qa)
+        for c in range(0, len(qa), step):
+            conv = []
+            for t, (q, a) in enumerate(qa[c : c + step]):
+                q = f"{q}\n{SHORT_ANSWER_PROMPT}" if sft_instruction else q
+                conv.append({"from": "human", "value": f"<image>\n{q}" if t == 0 else q})
+                conv.append({"from": "gpt", "value": a})
+            sample_id = f"easy_vqa_train_{i}" + (f"_{c // step}" if step < len(qa) else "")
+            sft.append({"id": sample_id, "image": f"easy_vqa/train/images/{i}.png", "conversations": conv})
+    rng.shuffle(sft)
     write_json_atomic(out / "sft_easy_vqa.json", sft)
     counts = {
         "sources": len(rows),
@@ -213,8 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo/data", help="output folder (default runs/demo/data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the SFT sample order")
+    parser.add_argument("--sft-turns", type=int, default=0, help="questions per SFT conversation (0: all)")
+    parser.add_argument(
+        "--no-sft-instruction", action="store_true", help="do not append the short-answer instruction"
+    )
     args = parser.parse_args(argv)
-    build(args.out, args.seed)
+    build(args.out, args.seed, args.sft_turns, not args.no_sft_instruction)
 
 
 if __name__ == "__main__":

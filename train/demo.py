@@ -1,0 +1,184 @@
+"""The main job on the embedded default: curate -> stage 1 -> stage 2 -> SFT -> evaluate -> show answers.
+
+`make demo` (= `python -m train.demo --run-dir runs/demo`) runs every step as its own process, with
+the same commands a user would type (`make curate`, `make pretrain-stage1`, ...), so the demo
+exercises exactly the shipped entry points and configs. A finished step (its export or report
+exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` redoes
+everything. `--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("train.demo")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Step:
+    """One demo step: a command line, and the file whose existence means the step is done."""
+
+    name: str
+    argv: list[str]
+    done_marker: Path
+
+
+def training_step(name: str, script: str, config: str, run: Path, extra: Sequence[str]) -> Step:
+    """A training stage writing into run/name, reading the demo data of run/data."""
+    data = run / "data"
+    argv = [
+        sys.executable,
+        str(REPO / "train" / script),
+        "--config",
+        str(REPO / config),
+        "--train.output_dir",
+        str(run / name),
+        "--train.resume",
+        "auto",
+    ]
+    if name == "stage1" or name == "stage2":
+        argv += ["--data.shards", json.dumps([str(data / "curated" / "shards" / "*.tar")])]
+    if name == "stage2":
+        argv += ["--model.init_path", str(run / "stage1" / "export")]
+    if name == "sft":
+        argv += ["--data.json", str(data / "sft_easy_vqa.json"), "--data.image_root", str(data)]
+        argv += ["--model.init_path", str(run / "stage2" / "export")]
+    return Step(name, argv + list(extra), run / name / "export" / "config.json")
+
+
+def demo_steps(run: Path, align: bool, eval_args: Sequence[str]) -> list[Step]:
+    """The five steps of the demo, in order."""
+    data = run / "data"
+    curate = [
+        sys.executable,
+        "-m",
+        "data_curation.run",
+        "--config",
+        str(REPO / "configs/curation/embedded.yaml"),
+        f"out_dir={data / 'curated'}",
+        f"embedded_dir={data}",
+        f"sources.0.path={data / 'sources.jsonl'}",
+    ]
+    no_align = [] if align else ["--teachers", "[]"]
+    evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]
+    evaluate += ["--benchmark", "easy_vqa", "--out", str(run / "eval"), *eval_args]
+    return [
+        Step("curate", curate, data / "curated" / "shards" / "manifest.jsonl"),
+        training_step("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", run, no_align),
+        training_step("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", run, no_align),
+        training_step("sft", "sft.py", "configs/tiny/sft.yaml", run, no_align),
+        Step("eval", evaluate, run / "eval" / "easy_vqa.json"),
+    ]
+
+
+def run_step(step: Step, log_dir: Path) -> float:
+    """Run one step, its output teed to log_dir/name.log; seconds taken. Fails loudly with the log path."""
+    log_path = log_dir / f"{step.name}.log"
+    logger.info("== %s: %s", step.name, " ".join(step.argv))
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            step.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            sys.stdout.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"demo step {step.name!r} failed (exit {code}); its log is {log_path}")
+    return time.time() - t0
+
+
+def plot_losses(run: Path, out: Path) -> None:
+    """One PNG with the loss curves (CE and aligning) of the three training stages side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ["stage1", "stage2", "sft"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, stage in zip(axes, stages):
+        path = run / stage / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in rows]
+        for key, label in (("ce_loss", "LM cross-entropy"), ("align_loss", "patch aligning")):
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(steps, values, label=label)
+        ax.set_title(stage)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def show_answers(run: Path, n_images: int = 3) -> str:
+    """A few test images' questions with the model's answers and the references, as text."""
+    rows = [json.loads(x) for x in (run / "eval" / "easy_vqa_predictions.jsonl").read_text().splitlines()]
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image"], []).append(row)
+    lines = []
+    for image in sorted(by_image, key=lambda p: int(Path(p).stem))[:n_images]:
+        lines.append(f"{image}")
+        for row in by_image[image]:
+            mark = "ok " if row["score"] >= 1.0 else "   "
+            lines.append(
+                f"  {mark}Q: {row['question']:<45} model: {row['prediction']:<12} truth: {row['answers'][0]}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m train.demo [--run-dir runs/demo] [--no-align] [--force]`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/demo", help="where everything is written")
+    parser.add_argument("--no-align", action="store_true", help="train without the patch-aligning loss")
+    parser.add_argument("--force", action="store_true", help="redo steps that are already done")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
+    args = parser.parse_args(argv)
+
+    run = Path(args.run_dir).resolve()
+    log_dir = run / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    eval_args = ["--batch-size", "64"] + (
+        [] if args.eval_limit is None else ["--limit", str(args.eval_limit)]
+    )
+
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    for step in demo_steps(run, align=not args.no_align, eval_args=eval_args):
+        if step.done_marker.exists() and not args.force:
+            logger.info("== %s: done already (%s); --force redoes it", step.name, step.done_marker)
+            continue
+        timings[step.name] = round(run_step(step, log_dir), 1)
+    timings["total"] = round(time.time() - t0, 1)
+
+    plot_losses(run, run / "loss_curves.png")
+    result = json.loads((run / "eval" / "easy_vqa.json").read_text())
+    summary = {"timings_s": timings, "easy_vqa": result, "align": not args.no_align}
+    (run / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n" + show_answers(run))
+    print(f"\nsteps run (seconds): {timings}")
+    print(f"easy-vqa test accuracy: {100 * result['accuracy']:.1f}% on {result['n']} questions")
+    print(f"loss curves: {run / 'loss_curves.png'}; summary: {run / 'demo_summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
