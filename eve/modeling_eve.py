@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
+from eve.attention import SDPA_PACKED  # noqa: F401  importing registers the "sdpa_packed" backend
 from eve.configuration_eve import EveConfig
 from eve.patch_embedding import EvePatchEmbedding, ImageLayout
 

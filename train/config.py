@@ -45,8 +45,9 @@ class ModelConfig:
     """GGUF file name inside `llm_path` (e.g. the embedded SmolLM2), or None for safetensors."""
     tokenizer_path: str | None = None
     """Tokenizer directory; None: the init/LLM directory's tokenizer, else the embedded Llama one."""
-    attn_implementation: str = "sdpa"
-    """transformers attention backend: "sdpa", "eager" or "flash_attention_2"."""
+    attn_implementation: str = "sdpa_packed"
+    """transformers attention backend: "sdpa_packed" (eve/attention.py: "sdpa" that runs packed rows per
+    sample, exact and fast on any device), "sdpa", "eager" or "flash_attention_2" (varlen on GPU)."""
     gradient_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
