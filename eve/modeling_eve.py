@@ -194,13 +194,6 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         if has_images:
             features = self.vision_tower(pixel_values, image_grid_hw, layout)  # (N_img_tokens, D)
             embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
-        elif self.training and torch.is_grad_enabled():
-            # A text-only batch still runs the PEL on one 1x1-grid dummy image, weighted by zero, so that
-            # every rank touches the same parameters (ZeRO-3 gathers, DDP unused-parameter checks).
-            p, s = self.config.vision_patch_size, self.config.vision_conv_stride
-            dummy = embeds.new_zeros(s * s, 3 * p * p)
-            grid = torch.ones(1, 2, dtype=torch.long)
-            embeds = embeds + 0.0 * self.vision_tower(dummy, grid).sum()
         return embeds
 
     # ----------------------------------------------------------------------------------------------

@@ -282,8 +282,9 @@ def build_train_loader(
     )
     views = list(teachers.views)
     # Image-free micro-batches get a zero-weight dummy image, so that the PEL, the aligning heads and
-    # the teachers run on every rank for every micro-batch (ZeRO-3 gathers stay in lockstep).
-    dummy = DummyImage.from_config(model_config, [v.size for v in views]) if views else None
+    # the teachers run on every rank for every micro-batch (ZeRO-3 gathers stay in lockstep, DDP sees
+    # no unused parameter). This is the one place that guarantees it; the model does not.
+    dummy = DummyImage.from_config(model_config, [v.size for v in views])
     return build_dataloader(
         options,
         processor,
