@@ -514,6 +514,7 @@ def train(config: RunConfig) -> Path:
         betas=config.optim.betas,
         eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
+        fused=config.optim.fused,
     )
     schedule = lr_lambda(
         total_steps, config.optim.warmup_ratio, config.optim.schedule, config.optim.min_lr_ratio
