@@ -33,6 +33,8 @@ class ScanConfig:
 
     shard_size: int = 10000
     """Images per input shard for folder and JSONL sources (a tar is always one input shard)."""
+    max_images: int | None = None
+    """Use only the first N images over all sources, in scan order (quick runs, tests); None: all."""
 
 
 @dataclass
@@ -233,12 +235,19 @@ def _build(cls: type, data: dict, where: str) -> object:
 def _set_dotted(data: dict, dotted: str, raw: str) -> None:
     """Set `a.b.c=raw` in a nested dict, parsing `raw` as YAML (so numbers and null get their type)."""
     keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node: dict | list = data
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):  # a list item by index, e.g. sources.0.path
+            if not k.isdigit() or int(k) >= len(node):
+                raise ValueError(f"override {dotted}: {k!r} is not an index of the {len(node)}-item list")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {keys[depth - 1]} is not a section")
+        if last:
+            node[k] = yaml.safe_load(raw) if raw != "" else ""
+        else:
+            node = node[k] if isinstance(node, list) else node.setdefault(k, {})
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:

@@ -148,6 +148,12 @@ def scan_sources(cfg: CurationConfig) -> list[list[Record]]:
             raise ValueError(f"sources[].type {src.type!r} is not one of folder, wds, jsonl")
         size = cfg.scan.shard_size
         shards += [recs[i : i + size] for i in range(0, len(recs), size)]
+    if cfg.scan.max_images is not None:
+        left, kept = cfg.scan.max_images, []
+        for shard in shards:
+            kept.append(shard[: max(left, 0)])
+            left -= len(kept[-1])
+        shards = kept
     # Keys must be unique (caches and the manifest are keyed by them): number any repeats.
     seen: dict[str, int] = {}
     for shard in shards:

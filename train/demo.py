@@ -56,8 +56,14 @@ def training_step(name: str, script: str, config: str, run: Path, extra: Sequenc
     return Step(name, argv + list(extra), run / name / "export" / "config.json")
 
 
-def demo_steps(run: Path, align: bool, eval_args: Sequence[str]) -> list[Step]:
-    """The five steps of the demo, in order."""
+def demo_steps(
+    run: Path,
+    align: bool,
+    eval_args: Sequence[str],
+    curate_overrides: Sequence[str] = (),
+    train_overrides: Sequence[str] = (),
+) -> list[Step]:
+    """The five steps of the demo, in order (overrides: `key=value` for curation / every stage)."""
     data = run / "data"
     curate = [
         sys.executable,
@@ -68,15 +74,17 @@ def demo_steps(run: Path, align: bool, eval_args: Sequence[str]) -> list[Step]:
         f"out_dir={data / 'curated'}",
         f"embedded_dir={data}",
         f"sources.0.path={data / 'sources.jsonl'}",
+        *curate_overrides,
     ]
-    no_align = [] if align else ["--teachers", "[]"]
+    stage_args = [] if align else ["--teachers", "[]"]
+    stage_args += [f"--{kv}" for kv in train_overrides]  # the run config reads --section.key=value
     evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]
     evaluate += ["--benchmark", "easy_vqa", "--out", str(run / "eval"), *eval_args]
     return [
         Step("curate", curate, data / "curated" / "shards" / "manifest.jsonl"),
-        training_step("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", run, no_align),
-        training_step("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", run, no_align),
-        training_step("sft", "sft.py", "configs/tiny/sft.yaml", run, no_align),
+        training_step("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", run, stage_args),
+        training_step("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", run, stage_args),
+        training_step("sft", "sft.py", "configs/tiny/sft.yaml", run, stage_args),
         Step("eval", evaluate, run / "eval" / "easy_vqa.json"),
     ]
 
@@ -151,6 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-align", action="store_true", help="train without the patch-aligning loss")
     parser.add_argument("--force", action="store_true", help="redo steps that are already done")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument(
+        "--curate-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="curation setting, e.g. scan.max_images=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setting for all three stages, e.g. train.max_steps=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
 
     run = Path(args.run_dir).resolve()
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
 
     timings: dict[str, float] = {}
     t0 = time.time()
-    for step in demo_steps(run, align=not args.no_align, eval_args=eval_args):
+    steps = demo_steps(run, not args.no_align, eval_args, args.curate_override, args.train_override)
+    for step in steps:
         if step.done_marker.exists() and not args.force:
             logger.info("== %s: done already (%s); --force redoes it", step.name, step.done_marker)
             continue

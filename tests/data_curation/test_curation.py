@@ -385,3 +385,11 @@ def test_resolution_filter_keeps_only_images_larger_than_min_side(tmp_path):
         Image.new("RGB", size, (10, 20, 30)).save(path)
         statuses[size] = check_image(Record(key=path.stem, source="t", path=str(path)), 448)["status"]
     assert statuses == {(448, 600): "too_small", (449, 449): "ok", (600, 448): "too_small"}
+
+
+def test_override_reaches_a_list_item():
+    """`sources.0.path=...` changes the first source of the shipped config; a bad index is an error."""
+    cfg = load_config(REPO / "configs/curation/embedded.yaml", ["sources.0.path=/elsewhere/sources.jsonl"])
+    assert cfg.sources[0].path == "/elsewhere/sources.jsonl" and cfg.sources[0].type == "jsonl"
+    with pytest.raises(ValueError, match="not an index"):
+        load_config(REPO / "configs/curation/embedded.yaml", ["sources.5.path=x"])
