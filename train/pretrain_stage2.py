@@ -9,10 +9,8 @@ deepspeed --num_gpus 8 train/pretrain_stage2.py --config configs/eve7b/stage2.ya
 import sys
 from pathlib import Path
 
-if __package__ in (
-    None,
-    "",
-):  # `python train/pretrain_stage2.py`: put the repo root, not train/, first on sys.path
+# `python train/pretrain_stage2.py` puts train/ first on sys.path: put the repo root there instead.
+if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from train.engine import run_stage  # noqa: E402

@@ -9,7 +9,8 @@ deepspeed --num_gpus 8 train/sft.py --config configs/eve7b/sft.yaml
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/sft.py`: put the repo root, not train/, first on sys.path
+# `python train/sft.py` puts train/ first on sys.path: put the repo root there instead.
+if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from train.engine import run_stage  # noqa: E402
