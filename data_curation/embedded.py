@@ -159,12 +159,39 @@ def link_or_copy(target: Path, link: Path) -> None:
         (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
 
 
-def build(out: str | Path, seed: int = 0, sft_turns: int = 0, sft_instruction: bool = True) -> dict:
+def balance_yes_no(per_image: dict[int, list[tuple[str, str]]], seed: int) -> dict[int, list[tuple[str, str]]]:
+    """Drop majority answers of each yes/no question string until "yes" and "no" are equally common.
+
+    The answer then cannot be read off the question (as VQA v2 balanced its questions): a model has
+    to look at the image. Other questions are kept. Seeded, so the same data gives the same subset.
+    """
+    by_question: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for image, qa in per_image.items():
+        for j, (q, a) in enumerate(qa):
+            if a in ("yes", "no"):
+                by_question.setdefault(q, {"yes": [], "no": []})[a].append((image, j))
+    rng = random.Random(seed)
+    dropped: set[tuple[int, int]] = set()
+    for q in sorted(by_question):
+        yes, no = by_question[q]["yes"], by_question[q]["no"]
+        majority, n_keep = (yes, len(no)) if len(yes) > len(no) else (no, len(yes))
+        dropped.update(rng.sample(majority, len(majority) - n_keep))
+    return {i: [x for j, x in enumerate(qa) if (i, j) not in dropped] for i, qa in per_image.items()}
+
+
+def build(
+    out: str | Path,
+    seed: int = 0,
+    sft_turns: int = 0,
+    sft_instruction: bool = True,
+    sft_balance: bool = False,
+) -> dict:
     """Write the embedded default sources under `out`; returns counts.
 
     `sft_turns` questions of an image go into one conversation (0: all of them). Fewer turns cost more
     tokens per answer but leave less to read off earlier answers: the evaluation asks one question at
     a time. `sft_instruction` appends the short-answer instruction that the evaluation prompt ends with.
+    `sft_balance` balances yes/no answers per question string (`balance_yes_no`).
     """
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
@@ -192,9 +219,12 @@ def build(out: str | Path, seed: int = 0, sft_turns: int = 0, sft_instruction: b
     write_jsonl_atomic(out / "sources.jsonl", rows)
 
     rng = random.Random(seed)
+    sft_qa = balance_yes_no(per_image, seed) if sft_balance else per_image
     sft = []
-    for i in sorted(per_image):
-        qa = list(per_image[i])
+    for i in sorted(sft_qa):
+        qa = list(sft_qa[i])
+        if not qa:
+            continue
         rng.shuffle(qa)
         step = sft_turns if sft_turns > 0 else len(qa)
         for c in range(0, len(qa), step):
@@ -212,6 +242,7 @@ def build(out: str | Path, seed: int = 0, sft_turns: int = 0, sft_instruction: b
         "easy_vqa_train": len(per_image),
         "skimage": len(SKIMAGE_PHOTOS),
         "sft_samples": len(sft),
+        "sft_questions": sum(len(qa) for qa in sft_qa.values()),
         **how,
     }
     logger.info("embedded sources in %s: %s", out, counts)
@@ -228,8 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-sft-instruction", action="store_true", help="do not append the short-answer instruction"
     )
+    parser.add_argument(
+        "--sft-balance", action="store_true", help="balance yes/no answers per question string"
+    )
     args = parser.parse_args(argv)
-    build(args.out, args.seed, args.sft_turns, not args.no_sft_instruction)
+    build(args.out, args.seed, args.sft_turns, not args.no_sft_instruction, args.sft_balance)
 
 
 if __name__ == "__main__":

@@ -393,3 +393,21 @@ def test_override_reaches_a_list_item():
     assert cfg.sources[0].path == "/elsewhere/sources.jsonl" and cfg.sources[0].type == "jsonl"
     with pytest.raises(ValueError, match="not an index"):
         load_config(REPO / "configs/curation/embedded.yaml", ["sources.5.path=x"])
+
+
+def test_balance_yes_no_equalises_answers_per_question():
+    """Per yes/no question string the majority answer is cut to the minority's count; others stay."""
+    from data_curation.embedded import balance_yes_no
+
+    per_image = {
+        0: [("is there a red shape?", "yes"), ("what color is the shape?", "red")],
+        1: [("is there a red shape?", "no"), ("what color is the shape?", "blue")],
+        2: [("is there a red shape?", "no")],
+        3: [("is there a red shape?", "no"), ("is there not a circle?", "yes")],
+    }
+    out = balance_yes_no(per_image, seed=0)
+    answers = [a for qa in out.values() for q, a in qa if q == "is there a red shape?"]
+    assert sorted(answers) == ["no", "yes"]  # 1 yes : 3 no -> 1 : 1
+    assert [a for qa in out.values() for q, a in qa if q == "is there not a circle?"] == []  # 1 : 0 -> 0 : 0
+    assert [a for qa in out.values() for q, a in qa if q.startswith("what")] == ["red", "blue"]
+    assert out == balance_yes_no(per_image, seed=0)  # seeded
