@@ -159,7 +159,9 @@ def link_or_copy(target: Path, link: Path) -> None:
         (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
 
 
-def balance_yes_no(per_image: dict[int, list[tuple[str, str]]], seed: int) -> dict[int, list[tuple[str, str]]]:
+def balance_yes_no(
+    per_image: dict[int, list[tuple[str, str]]], seed: int
+) -> dict[int, list[tuple[str, str]]]:
     """Drop majority answers of each yes/no question string until "yes" and "no" are equally common.
 
     The answer then cannot be read off the question (as VQA v2 balanced its questions): a model has
