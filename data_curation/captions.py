@@ -18,12 +18,11 @@ from .common import (
     logger,
     read_jsonl,
     record_timing,
-    setup_logging,
     wait_for_files,
     write_json_atomic,
     write_jsonl_atomic,
 )
-from .config import CaptionConfig, CurationConfig, parse_step_args
+from .config import CaptionConfig, CurationConfig, step_main
 from .embed import load_features
 from .sources import load_scan
 
@@ -242,9 +241,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.captions --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

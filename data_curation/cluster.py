@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from .common import get_rank, logger, record_timing, save_npy_atomic, setup_logging, write_json_atomic
-from .config import CurationConfig, parse_step_args
+from .common import get_rank, logger, record_timing, save_npy_atomic, write_json_atomic
+from .config import CurationConfig, step_main
 from .embed import load_features
 from .sources import load_scan
 
@@ -141,9 +141,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.cluster --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

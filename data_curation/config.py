@@ -315,3 +315,12 @@ def parse_step_args(argv: list[str] | None, flags: tuple[str, ...] = ()) -> tupl
             rest.append(items[i])
         i += 1
     return load_config(found.pop("config", None), rest), found
+
+
+def step_main(run, argv: list[str] | None) -> None:
+    """The command line of one step: logging, `--config X [overrides]`, then `run(cfg)`."""
+    from .common import setup_logging
+
+    setup_logging()
+    cfg, _ = parse_step_args(argv)
+    run(cfg)

@@ -24,11 +24,10 @@ from .common import (
     my_shards,
     record_timing,
     save_npy_atomic,
-    setup_logging,
     wait_for_files,
     write_json_atomic,
 )
-from .config import CurationConfig, EmbedConfig, parse_step_args
+from .config import CurationConfig, EmbedConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
 
@@ -295,9 +294,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.embed --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

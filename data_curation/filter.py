@@ -19,11 +19,10 @@ from .common import (
     my_shards,
     read_jsonl,
     record_timing,
-    setup_logging,
     wait_for_files,
     write_jsonl_atomic,
 )
-from .config import CurationConfig, parse_step_args
+from .config import CurationConfig, step_main
 from .sources import load_scan
 
 # Drop reasons, in pipeline order (the report prints them in this order).
@@ -107,9 +106,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.filter --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ from .common import (
     logger,
     read_jsonl,
     record_timing,
-    setup_logging,
     write_json_atomic,
 )
-from .config import CurationConfig, config_to_dict, parse_step_args
+from .config import CurationConfig, config_to_dict, step_main
 from .embed import feature_paths
 from .filter import DROP_REASONS, load_filter
 from .selection import load_cluster
@@ -142,9 +141,7 @@ def run(cfg: CurationConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.report --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from .common import (
     logger,
     record_timing,
     save_npy_atomic,
-    setup_logging,
     wait_for_files,
     write_json_atomic,
 )
-from .config import CurationConfig, parse_step_args
+from .config import CurationConfig, step_main
 
 
 def select_nearest(labels: np.ndarray, distances: np.ndarray, n: int) -> np.ndarray:
@@ -71,9 +70,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.selection --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ from .common import (
     get_rank,
     logger,
     record_timing,
-    setup_logging,
     write_jsonl_atomic,
 )
-from .config import CurationConfig, parse_step_args
+from .config import CurationConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
 
@@ -112,9 +111,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.shard --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":

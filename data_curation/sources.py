@@ -15,12 +15,11 @@ from .common import (
     logger,
     read_jsonl,
     record_timing,
-    setup_logging,
     wait_for_files,
     write_json_atomic,
     write_jsonl_atomic,
 )
-from .config import CurationConfig, SourceConfig, parse_step_args
+from .config import CurationConfig, SourceConfig, step_main
 
 
 def _name(src: SourceConfig) -> str:
@@ -197,9 +196,7 @@ def run(cfg: CurationConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.sources --config X [overrides]`."""
-    setup_logging()
-    cfg, _ = parse_step_args(argv)
-    run(cfg)
+    step_main(run, argv)
 
 
 if __name__ == "__main__":
