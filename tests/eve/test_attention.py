@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from eve.attention import SDPA_PACKED, PackedSegments, sdpa_packed_attention_forward, sdpa_packed_mask
-from tests.eve.test_modeling import collate, image_sample, pack_row
+from tests.eve.test_modeling import collate, pack_row
 
 # Tolerances. All comparisons are fp32 and differ only in summation order (segment-batched SDPA
 # vs the masked math path vs eager's matmul + softmax): values of O(1-10) after 2 layers agree to
@@ -14,16 +14,6 @@ from tests.eve.test_modeling import collate, image_sample, pack_row
 ATOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 1e-5, 1e-4
 PAD_TAIL = 5  # tokens of padding at the end of the packed row (its positions restart at 0 too)
-
-
-@pytest.fixture
-def samples(tiny_config):
-    """Three samples of 20, 8 and 9 tokens: tall image, text only, wide image."""
-    return [
-        image_sample(tiny_config, [1, 319, 1967], (32, 16), [29871, 13, 450, 3303], seed=1),
-        image_sample(tiny_config, [1, 910, 338, 263, 1243, 29889], None, [1728, 727]),
-        image_sample(tiny_config, [1, 22172], (8, 24), [3303, 450], seed=2),
-    ]
 
 
 def packed_batch(samples) -> dict:

@@ -48,16 +48,6 @@ def collate(samples, pad_id: int = 0, left: bool = False):
     return batch
 
 
-@pytest.fixture
-def samples(tiny_config):
-    """Three samples: tall image, text only, wide image (tiny config: 8 px per token)."""
-    return [
-        image_sample(tiny_config, [1, 319, 1967], (32, 16), [29871, 13, 450, 3303], seed=1),
-        image_sample(tiny_config, [1, 910, 338, 263, 1243, 29889], None, [1728, 727]),
-        image_sample(tiny_config, [1, 22172], (8, 24), [3303, 450], seed=2),
-    ]
-
-
 def llama_twin(model: EveForCausalLM) -> LlamaForCausalLM:
     """A transformers LlamaForCausalLM holding the same LLM weights."""
     text_fields = (

@@ -97,18 +97,23 @@ def assert_same_losses(records, reference):
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
 
 
-def test_two_ranks_zero3_equal_one_rank_and_resume(sft_setup):
-    """torchrun, 2 ranks, ZeRO-3: stop after step 2, resume from the sharded checkpoint, finish."""
-    tmp, path, reference = sft_setup
-    out = tmp / "zero3"
-    args = [
+def zero3_args(config_path, out) -> list[str]:
+    """Command line of an SFT run under configs/deepspeed/zero3.json writing into `out`."""
+    return [
         "--config",
-        str(path),
+        str(config_path),
         "--train.deepspeed",
         "configs/deepspeed/zero3.json",
         "--train.output_dir",
         str(out),
     ]
+
+
+def test_two_ranks_zero3_equal_one_rank_and_resume(sft_setup):
+    """torchrun, 2 ranks, ZeRO-3: stop after step 2, resume from the sharded checkpoint, finish."""
+    tmp, path, reference = sft_setup
+    out = tmp / "zero3"
+    args = zero3_args(path, out)
     launch(torchrun(2), "train/sft.py", [*args, "--train.stop_after", "2"])
     assert [p.name for p in list_checkpoints(out)] == ["step-0000002"]
     assert sorted(p.name for p in (list_checkpoints(out)[0] / "ds").glob("*optim_states.pt")) == [
@@ -155,13 +160,6 @@ def test_one_process_zero3_under_plain_python(sft_setup):
     """`python train/sft.py --train.deepspeed ...` (no launcher): a one-process group, accumulation 4."""
     tmp, path, reference = sft_setup
     out = tmp / "zero3_single"
-    args = [
-        "--config",
-        str(path),
-        "--train.deepspeed",
-        "configs/deepspeed/zero3.json",
-        "--train.output_dir",
-        str(out),
-    ]
+    args = zero3_args(path, out)
     launch([sys.executable], "train/sft.py", args)
     assert_same_losses(read_metrics(out), reference)
