@@ -146,6 +146,46 @@ def caption_for(colour: str | None, shape: str | None) -> str:
     return f"A {' '.join(words)}."
 
 
+# What precedes the attribute in easy-vqa's yes/no questions: (prefix, negated)
+CHECK_PREFIXES = (
+    ("is there a", False),
+    ("is a", False),
+    ("does the image contain a", False),
+    ("is there not a", True),
+    ("is no", True),
+    ("does the image not contain a", True),
+)
+
+
+def attribute_checks(colour: str | None, shape: str | None, rng: random.Random, phrased: bool = False) -> str:
+    """ "red yes, circle no.": one colour and one shape, each the image's own or another with equal odds.
+
+    With `phrased`, each check is the start of an easy-vqa yes/no question cut right after its
+    attribute, then whether the question is true: "is no red yes, is there a circle no.".
+
+    Each named attribute is followed directly by its verdict, so the verdict is predicted at the very
+    position whose token names the attribute: the queried word is the position's own input and the
+    image is one attention away. A tiny LLM learns this comparison there within a few hundred steps;
+    asked as a question ("is there a red shape?" ... "no"), the verdict comes several tokens later and
+    it does not learn it at all in the demo's budget. Measured: after stage 2 with these captions the
+    colour checks are right for 94.7% of test images (balanced; shape checks stay at chance), but the
+    demo's SFT does not carry the comparison to the answer of a question, so easy-vqa stays at 86.0%
+    (86.8% without them); hence off by default. An unknown attribute is left out.
+    """
+    checks = []
+    for value, vocab in ((colour, COLORS), (shape, SHAPES)):
+        if value is None:
+            continue
+        same = rng.random() < 0.5
+        named = value if same else rng.choice([v for v in vocab if v != value])
+        if phrased:
+            prefix, negated = rng.choice(CHECK_PREFIXES)
+            checks.append(f"{prefix} {named} {'yes' if same != negated else 'no'}")
+        else:
+            checks.append(f"{named} {'yes' if same else 'no'}")
+    return f"{', '.join(checks)}." if checks else ""
+
+
 def link_or_copy(target: Path, link: Path) -> None:
     """Symlink `link` -> `target`; copy when links are not possible (e.g. some Windows/CI filesystems)."""
     if link.is_symlink() or link.exists():
@@ -187,6 +227,7 @@ def build(
     sft_turns: int = 0,
     sft_instruction: bool = True,
     sft_balance: bool = False,
+    caption_checks: str = "none",
 ) -> dict:
     """Write the embedded default sources under `out`; returns counts.
 
@@ -194,6 +235,9 @@ def build(
     tokens per answer but leave less to read off earlier answers: the evaluation asks one question at
     a time. `sft_instruction` appends the short-answer instruction that the evaluation prompt ends with.
     `sft_balance` balances yes/no answers per question string (`balance_yes_no`).
+    `caption_checks` "tags" or "questions" starts each easy-vqa caption with `attribute_checks` ("red
+    yes, circle no. A blue circle.", or phrased as questions), seeded; "none" (the default) leaves
+    them out (see `attribute_checks` for why).
     """
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
@@ -206,14 +250,19 @@ def build(
     link_or_copy(skimage_data_dir(), out / "skimage_photos")
 
     attrs, per_image, how = easy_vqa_attributes(easy_vqa_dir("train"))
-    rows = [
-        {
-            "image": f"easy_vqa/train/images/{i}.png",
-            "caption": caption_for(*attrs[i]),
-            "source": "easy_vqa_train",
-        }
-        for i in sorted(per_image)
-    ]
+    if caption_checks not in ("none", "tags", "questions"):
+        raise ValueError(f"caption_checks must be 'none', 'tags' or 'questions', got {caption_checks!r}")
+    check_rng = random.Random(f"checks-{seed}")
+    rows = []
+    for i in sorted(per_image):
+        caption = caption_for(*attrs[i])
+        if caption_checks != "none" and (
+            checks := attribute_checks(*attrs[i], check_rng, phrased=caption_checks == "questions")
+        ):
+            caption = f"{checks} {caption}"
+        rows.append(
+            {"image": f"easy_vqa/train/images/{i}.png", "caption": caption, "source": "easy_vqa_train"}
+        )
     for name in SKIMAGE_PHOTOS:
         stem = Path(name).stem
         caption = SKIMAGE_CAPTIONS.get(stem, f"A photo of a {stem.replace('_', ' ')}.")
@@ -264,8 +313,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sft-balance", action="store_true", help="balance yes/no answers per question string"
     )
+    parser.add_argument(
+        "--caption-checks",
+        choices=("none", "tags", "questions"),
+        default="none",
+        help='start easy-vqa captions with attribute checks: "red yes, circle no. A blue circle." (tags) '
+        'or "is no red yes, is there a circle no. ..." (questions)',
+    )
     args = parser.parse_args(argv)
-    build(args.out, args.seed, args.sft_turns, not args.no_sft_instruction, args.sft_balance)
+    build(
+        args.out,
+        args.seed,
+        args.sft_turns,
+        not args.no_sft_instruction,
+        args.sft_balance,
+        caption_checks=args.caption_checks,
+    )
 
 
 if __name__ == "__main__":

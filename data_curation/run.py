@@ -38,7 +38,13 @@ def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:
     if cfg.embedded and rank == 0 and (steps is None or "scan" in steps):
         from .embedded import build
 
-        build(cfg.embedded_dir, cfg.seed, cfg.embedded_sft_turns, cfg.embedded_sft_instruction)
+        build(
+            cfg.embedded_dir,
+            cfg.seed,
+            cfg.embedded_sft_turns,
+            cfg.embedded_sft_instruction,
+            caption_checks=cfg.embedded_caption_checks,
+        )
     logger.info("curation into %s (rank %d of %d)", cfg.out, rank, world)
     for name, module in STEPS:
         if steps is None or name in steps:

@@ -21,7 +21,7 @@ from data_curation.captions import caption_problem, is_repetitive, is_unfinished
 from data_curation.cluster import assign, kmeans
 from data_curation.common import read_jsonl
 from data_curation.config import CaptionConfig, load_config
-from data_curation.embedded import attributes_from_questions, caption_for
+from data_curation.embedded import COLORS, SHAPES, attribute_checks, attributes_from_questions, caption_for
 from data_curation.selection import select_nearest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,6 +122,48 @@ def test_easy_vqa_attributes_from_questions():
     qa = [("is there not a triangle?", "yes"), ("does the image not contain a circle?", "yes")]
     assert attributes_from_questions(qa) == (None, "rectangle")
     assert caption_for("blue", "circle") == "A blue circle." and caption_for(None, "circle") == "A circle."
+
+
+def test_attribute_checks():
+    """Each check names an attribute of its kind and says truly whether the image has it; seeded; about
+    half of them name the image's own attribute; an unknown attribute gets no check."""
+    import random
+
+    rng = random.Random(0)
+    same = 0
+    for k in range(400):
+        colour, shape = COLORS[k % 8], SHAPES[k % 3]
+        text = attribute_checks(colour, shape, rng)
+        assert text.endswith(".")
+        (c_word, c_verdict), (s_word, s_verdict) = (part.split() for part in text[:-1].split(", "))
+        assert c_word in COLORS and s_word in SHAPES
+        assert c_verdict == ("yes" if c_word == colour else "no")
+        assert s_verdict == ("yes" if s_word == shape else "no")
+        same += (c_verdict == "yes") + (s_verdict == "yes")
+    assert 340 < same < 460  # 800 checks, p = 1/2: mean 400, sd 14
+    assert attribute_checks("red", "circle", random.Random(1)) == attribute_checks(
+        "red", "circle", random.Random(1)
+    )
+    assert attribute_checks(None, None, rng) == ""
+    assert attribute_checks(None, "circle", rng).split()[0] in SHAPES
+
+
+def test_attribute_checks_phrased_as_questions():
+    """Phrased checks are an easy-vqa question cut after its attribute, then whether that question is
+    true for the image: a negated question is true when the image lacks the attribute."""
+    import random
+
+    rng = random.Random(0)
+    seen = set()
+    for k in range(300):
+        colour, shape = COLORS[k % 8], SHAPES[k % 3]
+        for check in attribute_checks(colour, shape, rng, phrased=True)[:-1].split(", "):
+            *prefix, named, verdict = check.split()
+            negated = "not" in prefix or "no" in prefix
+            has = named in (colour, shape)
+            assert named in COLORS + SHAPES and verdict == ("yes" if has != negated else "no")
+            seen.add((negated, verdict))
+    assert seen == {(False, "yes"), (False, "no"), (True, "yes"), (True, "no")}
 
 
 def test_configs_load_and_override():
