@@ -1,0 +1,106 @@
+"""Does a trained model compare the attribute a yes/no question names with the one it sees?
+
+`python bench/probe_easy_vqa.py --model runs/demo/sft/export [--predictions runs/demo/eval/easy_vqa_predictions.jsonl]`
+
+1. From an easy-vqa predictions file (`python -m eve.eval`): yes/no accuracy split by whether the
+   named attribute is the image's own ("match") or not ("miss"), for colour and shape questions.
+   The balanced accuracy (mean of the two) is 50% for a model that answers from the question alone,
+   however high its plain accuracy.
+2. Linear probes (logistic regression, 900 train / 300 held-out train images) on the hidden state at
+   the position that predicts the answer of "is there a {random colour} shape?" in the evaluation
+   prompt, per layer: is the image's colour there, the asked colour, their match?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_curation.embedded import COLORS, easy_vqa_attributes
+from eve import EveForCausalLM, EveProcessor
+from eve.assets import easy_vqa_dir
+from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
+
+
+def match_split(path: str) -> None:
+    """Print yes/no accuracy by (colour|shape) x (match|miss) and the balanced accuracy."""
+    acc: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["category"] != "yes/no":
+                continue
+            words = r["question"].rstrip("?").split()
+            negated = "not" in words or "no" in words
+            match = (r["answers"][0] == "yes") != negated
+            kind = "colour" if any(w in COLORS for w in words) else "shape"
+            acc[(kind, match)].append(r["score"])
+    for kind in ("colour", "shape"):
+        parts = {m: 100 * np.mean(acc[(kind, m)]) for m in (True, False)}
+        print(
+            f"{kind:7s} yes/no: match {parts[True]:5.1f}% ({len(acc[(kind, True)])}), "
+            f"miss {parts[False]:5.1f}% ({len(acc[(kind, False)])}), balanced {np.mean(list(parts.values())):.1f}%"
+        )
+
+
+@torch.no_grad()
+def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
+    """Print held-out probe accuracy for image colour, asked colour and match at every layer."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = EveForCausalLM.from_pretrained(model_dir).eval()
+    processor = EveProcessor.from_pretrained(model_dir)
+    split = easy_vqa_dir("train")
+    attrs, _, _ = easy_vqa_attributes(split)
+    ids = [i for i in sorted(attrs) if attrs[i][0] is not None][:n]
+    rng = random.Random(seed)
+    asked = [rng.choice(COLORS) for _ in ids]
+    states = []
+    for b in range(0, len(ids), 100):
+        prompts = [
+            processor.build_prompt(f"is there a {q} shape?\n{SHORT_ANSWER_PROMPT}", "vicuna_v1")
+            for q in asked[b : b + 100]
+        ]
+        images = [Image.open(split / "images" / f"{i}.png") for i in ids[b : b + 100]]
+        out = model(**processor(prompts, images), output_hidden_states=True)
+        states.append(torch.stack([h[:, -1].float() for h in out.hidden_states], 1))  # (B, L+1, D)
+    h = torch.cat(states).numpy()
+    colour = np.array([COLORS.index(attrs[i][0]) for i in ids])
+    q = np.array([COLORS.index(x) for x in asked])
+    targets = {"image colour": colour, "asked colour": q, "match": (colour == q).astype(int)}
+    cut = int(0.75 * len(ids))
+    print(
+        f"held-out probe accuracy ({len(ids) - cut} images; chance: colours 12.5%, match {100 * (1 - targets['match'][cut:].mean()):.1f}%)"
+    )
+    for layer in range(h.shape[1]):
+        row = []
+        for name, y in targets.items():
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(
+                h[:cut, layer], y[:cut]
+            )
+            row.append(f"{name} {100 * clf.score(h[cut:, layer], y[cut:]):5.1f}%")
+        print(f"layer {layer}: " + ", ".join(row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="exported checkpoint")
+    parser.add_argument("--predictions", help="easy_vqa_predictions.jsonl from python -m eve.eval")
+    parser.add_argument("--images", type=int, default=1200, help="train images for the probes")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.predictions:
+        match_split(args.predictions)
+    probes(args.model, args.images)
+
+
+if __name__ == "__main__":
+    main()
