@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from eve.overrides import set_dotted
+
 
 @dataclass
 class SourceConfig:
@@ -234,24 +236,6 @@ def _build(cls: type, data: dict, where: str) -> object:
     return cls(**kwargs)
 
 
-def _set_dotted(data: dict, dotted: str, raw: str) -> None:
-    """Set `a.b.c=raw` in a nested dict, parsing `raw` as YAML (so numbers and null get their type)."""
-    keys = dotted.split(".")
-    node: dict | list = data
-    for depth, k in enumerate(keys):
-        last = depth == len(keys) - 1
-        if isinstance(node, list):  # a list item by index, e.g. sources.0.path
-            if not k.isdigit() or int(k) >= len(node):
-                raise ValueError(f"override {dotted}: {k!r} is not an index of the {len(node)}-item list")
-            k = int(k)
-        elif not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: {keys[depth - 1]} is not a section")
-        if last:
-            node[k] = yaml.safe_load(raw) if raw != "" else ""
-        else:
-            node = node[k] if isinstance(node, list) else node.setdefault(k, {})
-
-
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     """Parse `a.b=v`, `--a.b=v` and `--a.b v` items into (dotted key, raw value) pairs."""
     pairs, i = [], 0
@@ -280,7 +264,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ValueError(f"{p}: the top level must be a mapping of settings")
     for key, raw in parse_overrides(overrides or []):
-        _set_dotted(data, key, raw)
+        try:  # raw parsed as YAML, so numbers and null get their type
+            set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
+        except ValueError as e:
+            raise ValueError(f"override {key}: {e}") from None
     cfg = _build(CurationConfig, data, "")
     assert isinstance(cfg, CurationConfig)
     return cfg

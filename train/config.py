@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from eve.overrides import set_dotted
 from train.teacher import TeacherConfig
 
 
@@ -285,26 +286,6 @@ def _build(cls: type, data: Any, key: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
-    """tree[a][b][c] = value for dotted 'a.b.c' (list items by index)."""
-    parts = dotted.split(".")
-    node: Any = tree
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is not an item of the list")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"{source}: '{'.'.join(parts[:i])}' is not a section")
-        if last:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and part not in node:
-                node[part] = {}
-            node = node[part]
-
-
 def _parse_cli_value(text: str) -> Any:
     """A command-line value read as YAML (lists, mappings, null, booleans); coerced later by field type."""
     try:
@@ -356,7 +337,10 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     config = _build(RunConfig, tree, "", source)  # validates the file on its own first
     if overrides:
         for key, value in overrides:
-            _set_dotted(tree, key, value, "command line")
+            try:
+                set_dotted(tree, key, value)
+            except ValueError as e:
+                raise ConfigError(f"command line: {e}") from None
         config = _build(RunConfig, tree, "", f"{source} + command line")
     return config
 
