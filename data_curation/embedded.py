@@ -146,6 +146,8 @@ def caption_for(colour: str | None, shape: str | None) -> str:
     return f"A {' '.join(words)}."
 
 
+CAPTION_CHECKS = ("none", "tags", "questions")  # build(caption_checks=...): none, attribute_checks, phrased
+
 # What precedes the attribute in easy-vqa's yes/no questions: (prefix, negated)
 CHECK_PREFIXES = (
     ("is there a", False),
@@ -243,6 +245,8 @@ def build(
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
 
+    if caption_checks not in CAPTION_CHECKS:
+        raise ValueError(f"caption_checks must be one of {CAPTION_CHECKS}, got {caption_checks!r}")
     out = Path(out)
     for split in ("train", "test"):
         src = easy_vqa_dir(split)
@@ -251,8 +255,6 @@ def build(
     link_or_copy(skimage_data_dir(), out / "skimage_photos")
 
     attrs, per_image, how = easy_vqa_attributes(easy_vqa_dir("train"))
-    if caption_checks not in ("none", "tags", "questions"):
-        raise ValueError(f"caption_checks must be 'none', 'tags' or 'questions', got {caption_checks!r}")
     check_rng = random.Random(f"checks-{seed}")
     rows = []
     for i in sorted(per_image):
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--caption-checks",
-        choices=("none", "tags", "questions"),
+        choices=CAPTION_CHECKS,
         default="none",
         help='start easy-vqa captions with attribute checks: "red yes, circle no. A blue circle." (tags) '
         'or "is no red yes, is there a circle no. ..." (questions)',
