@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_curation.embedded import COLORS, easy_vqa_attributes
+from data_curation.embedded import COLORS, easy_vqa_attributes, question_negated
 from eve import EveForCausalLM, EveProcessor
 from eve.assets import easy_vqa_dir
 from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
@@ -36,10 +36,8 @@ def match_split(path: str) -> None:
             r = json.loads(line)
             if r["category"] != "yes/no":
                 continue
-            words = r["question"].rstrip("?").split()
-            negated = "not" in words or "no" in words
-            match = (r["answers"][0] == "yes") != negated
-            kind = "colour" if any(w in COLORS for w in words) else "shape"
+            match = (r["answers"][0] == "yes") != question_negated(r["question"])
+            kind = "colour" if any(w in COLORS for w in r["question"].rstrip("?").split()) else "shape"
             acc[(kind, match)].append(r["score"])
     for kind in ("colour", "shape"):
         parts = {m: 100 * np.mean(acc[(kind, m)]) for m in (True, False)}

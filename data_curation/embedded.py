@@ -57,6 +57,12 @@ SKIMAGE_CAPTIONS = {
 }
 
 
+def question_negated(question: str) -> bool:
+    """Whether an easy-vqa yes/no question is negated ("is there not a ...", "is no ... present?")."""
+    words = question.rstrip("?").split()
+    return "not" in words or "no" in words
+
+
 def attributes_from_questions(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     """(colour, shape) implied by an image's questions and answers, None where they do not tell.
 
@@ -68,7 +74,7 @@ def attributes_from_questions(qa: list[tuple[str, str]]) -> tuple[str | None, st
         words = q.rstrip("?").split()
         mentioned = {w for w in words if w in SHAPES or w in COLORS}
         if a in ("yes", "no"):
-            truth = (a == "yes") != ("not" in words or "no" in words)
+            truth = (a == "yes") != question_negated(q)
             (present if truth else absent).update(mentioned)
         else:  # an open question presupposes what it mentions, and its answer is an attribute
             present.update(mentioned | {a})
