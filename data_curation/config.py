@@ -158,7 +158,7 @@ class CurationConfig:
     embedded_sft_instruction: bool = True
     """Append the short-answer instruction of the evaluation prompt to each embedded SFT question."""
     embedded_caption_checks: str = "none"
-    """Attribute checks before each embedded easy-vqa caption: "none", "tags" or "questions"."""
+    """Attribute checks before each embedded easy-vqa caption: "none", "tags", "questions" or "positive"."""
     seed: int = 0
     """Seed of everything random (clustering, shuffling)."""
     barrier_timeout_s: float = 86400.0

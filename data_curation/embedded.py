@@ -152,7 +152,7 @@ def caption_for(colour: str | None, shape: str | None) -> str:
     return f"A {' '.join(words)}."
 
 
-CAPTION_CHECKS = ("none", "tags", "questions")  # build(caption_checks=...): none, attribute_checks, phrased
+CAPTION_CHECKS = ("none", "tags", "questions", "positive")  # build(caption_checks=...); see attribute_checks
 
 # What precedes the attribute in easy-vqa's yes/no questions: (prefix, negated)
 CHECK_PREFIXES = (
@@ -165,20 +165,24 @@ CHECK_PREFIXES = (
 )
 
 
-def attribute_checks(colour: str | None, shape: str | None, rng: random.Random, phrased: bool = False) -> str:
+def attribute_checks(
+    colour: str | None, shape: str | None, rng: random.Random, phrased: bool = False, negated: bool = True
+) -> str:
     """ "red yes, circle no.": one colour and one shape, each the image's own or another with equal odds.
 
     With `phrased`, each check is the start of an easy-vqa yes/no question cut right after its
-    attribute, then whether the question is true: "is no red yes, is there a circle no.".
+    attribute, then whether the question is true: "is no red yes, is there a circle no."; with
+    `negated=False` only the non-negated starts are used ("is there a red yes", the demo's default).
 
     Each named attribute is followed directly by its verdict, so the verdict is predicted at the very
     position whose token names the attribute: the queried word is the position's own input and the
     image is one attention away. A tiny LLM learns this comparison there within a few hundred steps;
     asked as a question ("is there a red shape?" ... "no"), the verdict comes several tokens later and
-    it does not learn it at all in the demo's budget. Measured: after stage 2 with these captions the
-    colour checks are right for 94.7% of test images (balanced; shape checks stay at chance), but the
-    demo's SFT does not carry the comparison to the answer of a question, so easy-vqa stays at 86.0%
-    (86.8% without them); hence off by default. The phrased checks, whose verdict also depends on a
+    it does not learn it at all in the demo's budget. Measured after stage 2 (balanced, 400 test
+    images): bare tags get colour right 94%, but only 66% at the colour word of a real question; the
+    positive phrasing gets 93% there (shape: 69%). SFT at the demo's LR 3e-4 then reads it for some
+    answers: "is there a red shape?" about a red image goes from always "no" to "yes" ~35% of the time
+    (negated questions stay at the prior). The fully phrased checks, whose verdict also depends on a
     negation, stay at chance after stage 2. An unknown attribute is left out.
     """
     checks = []
@@ -188,8 +192,8 @@ def attribute_checks(colour: str | None, shape: str | None, rng: random.Random, 
         same = rng.random() < 0.5
         named = value if same else rng.choice([v for v in vocab if v != value])
         if phrased:
-            prefix, negated = rng.choice(CHECK_PREFIXES)
-            checks.append(f"{prefix} {named} {'yes' if same != negated else 'no'}")
+            prefix, neg = rng.choice([p for p in CHECK_PREFIXES if negated or not p[1]])
+            checks.append(f"{prefix} {named} {'yes' if same != neg else 'no'}")
         else:
             checks.append(f"{named} {'yes' if same else 'no'}")
     return f"{', '.join(checks)}." if checks else ""
@@ -246,7 +250,8 @@ def build(
     `sft_balance` balances yes/no answers per question string (`balance_yes_no`).
     `caption_checks` "tags" or "questions" starts each easy-vqa caption with `attribute_checks` ("red
     yes, circle no. A blue circle.", or phrased as questions), seeded; "none" (the default) leaves
-    them out (see `attribute_checks` for why).
+    them out (see `attribute_checks` for why); "positive" phrases them with the non-negated question
+    starts only ("is there a red yes, is a circle no.").
     """
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
@@ -266,7 +271,12 @@ def build(
     for i in sorted(per_image):
         caption = caption_for(*attrs[i])
         if caption_checks != "none" and (
-            checks := attribute_checks(*attrs[i], check_rng, phrased=caption_checks == "questions")
+            checks := attribute_checks(
+                *attrs[i],
+                check_rng,
+                phrased=caption_checks in ("questions", "positive"),
+                negated=caption_checks == "questions",
+            )
         ):
             caption = f"{checks} {caption}"
         rows.append(
@@ -326,8 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         "--caption-checks",
         choices=CAPTION_CHECKS,
         default="none",
-        help='start easy-vqa captions with attribute checks: "red yes, circle no. A blue circle." (tags) '
-        'or "is no red yes, is there a circle no. ..." (questions)',
+        help='start easy-vqa captions with attribute checks: "red yes, circle no. A blue circle." (tags), '
+        '"is no red yes, is there a circle no. ..." (questions) or "is there a red yes, is a circle no. ..." '
+        "(positive)",
     )
     args = parser.parse_args(argv)
     build(

@@ -164,6 +164,42 @@ def test_attribute_checks_phrased_as_questions():
             assert named in COLORS + SHAPES and verdict == ("yes" if has != negated else "no")
             seen.add((negated, verdict))
     assert seen == {(False, "yes"), (False, "no"), (True, "yes"), (True, "no")}
+    positive = attribute_checks("red", "circle", rng, phrased=True, negated=False)[:-1].split(", ")
+    for check in positive:
+        *prefix, named, verdict = check.split()
+        assert "not" not in prefix and "no" not in prefix
+        assert verdict == ("yes" if named in ("red", "circle") else "no")
+
+
+def test_embedded_build_positive_caption_checks(tmp_path):
+    """With caption_checks="positive" every easy-vqa caption starts with true checks phrased as the
+    non-negated question starts, then the plain caption; SFT conversations are left without checks."""
+    from data_curation.embedded import build, easy_vqa_attributes
+    from eve.assets import easy_vqa_dir
+
+    counts = build(tmp_path, seed=0, sft_turns=3, caption_checks="positive")
+    attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
+
+    def image_of(path: str) -> int:
+        return int(path.rsplit("/", 1)[1].split(".")[0])
+
+    def assert_true_checks(text: str, image: int) -> None:
+        for check in text.rstrip(".").split(", "):
+            *prefix, named, verdict = check.split()
+            assert prefix and "not" not in prefix and "no" not in prefix, check
+            assert verdict == ("yes" if named in attrs[image] else "no"), (check, attrs[image])
+
+    rows = [json.loads(line) for line in (tmp_path / "sources.jsonl").read_text().splitlines()]
+    easy = [r for r in rows if r["source"] == "easy_vqa_train"]
+    assert len(easy) == counts["easy_vqa_train"]
+    for r in easy[:500]:
+        checks, caption = r["caption"].split(". ", 1)
+        assert_true_checks(checks, image_of(r["image"]))
+        assert caption.startswith("A ")
+    sft = json.loads((tmp_path / "sft_easy_vqa.json").read_text())
+    assert len(sft) == counts["sft_samples"]
+    assert all(len(s["conversations"]) <= 6 for s in sft)  # 3 turns, nothing appended
+    assert not any(" yes," in t["value"] for s in sft for t in s["conversations"])
 
 
 def test_configs_load_and_override():
