@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import tarfile
 import time
@@ -177,10 +179,37 @@ def load_scan(cfg: CurationConfig) -> list[list[Record]]:
     return [[Record.from_json(d) for d in read_jsonl(shard_path(cfg.out, i))] for i in range(n)]
 
 
+def sources_fingerprint(cfg: CurationConfig) -> str:
+    """sha256 of the source settings, the scan settings and every JSONL source's bytes.
+
+    A JSONL list carries the captions, so rewriting it (e.g. other caption options) changes the
+    fingerprint; folder and tar sources are identified by their settings only.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([dataclasses.asdict(s) for s in cfg.sources], sort_keys=True).encode())
+    h.update(json.dumps(dataclasses.asdict(cfg.scan), sort_keys=True).encode())
+    for src in cfg.sources:
+        if src.type == "jsonl" and Path(src.path).is_file():
+            h.update(Path(src.path).read_bytes())
+    return h.hexdigest()
+
+
 def run(cfg: CurationConfig) -> None:
-    """Scan the sources into input shards (rank 0; skipped when already done)."""
+    """Scan the sources into input shards (rank 0; skipped when already done with the same sources).
+
+    Every later step skips what is on disk, so a finished scan of other sources is an error, not a
+    silent reuse of stale shards.
+    """
     done = cfg.out / "scan" / "_SUCCESS.json"
-    if get_rank()[0] != 0 or done.exists():
+    if get_rank()[0] != 0:
+        return
+    if done.exists():
+        before = json.loads(done.read_text()).get("sources_fingerprint")
+        if before is not None and before != sources_fingerprint(cfg):
+            raise ValueError(
+                f"the sources changed since {cfg.out} was curated from them (sources or scan settings, or "
+                f"a JSONL list's contents); curate into a new out_dir, or delete {cfg.out} to redo it"
+            )
         return
     if not cfg.sources:
         raise ValueError("the config lists no sources; add sources: [{type: folder|wds|jsonl, path: ...}]")
@@ -189,7 +218,9 @@ def run(cfg: CurationConfig) -> None:
     for i, recs in enumerate(shards):
         write_jsonl_atomic(shard_path(cfg.out, i), [r.to_json() for r in recs])
     n = sum(len(s) for s in shards)
-    write_json_atomic(done, {"n_shards": len(shards), "n_records": n})
+    write_json_atomic(
+        done, {"n_shards": len(shards), "n_records": n, "sources_fingerprint": sources_fingerprint(cfg)}
+    )
     logger.info("scan: %d images in %d input shards", n, len(shards))
     record_timing(cfg.out, "scan", time.time() - t0, images=n)
 

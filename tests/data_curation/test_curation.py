@@ -409,6 +409,25 @@ def test_resume_after_sigkill_gives_identical_output(reference):
     assert not list(out.rglob(".*.tmp-*"))  # no temporary file left behind
 
 
+def test_rerun_with_changed_sources_is_an_error_not_stale_shards(reference, tmp_path):
+    """A finished scan is reused only for the same sources: rewriting a JSONL list (new captions)
+    and re-running into the same out_dir fails with a clear error instead of keeping old shards."""
+    from data_curation.run import run
+
+    root, _ = reference
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src)
+    cfg = load_config(None, overrides(src, tmp_path / "out"))
+    run(cfg, ["scan"])
+    first = (tmp_path / "out" / "scan" / "_SUCCESS.json").read_bytes()
+    run(cfg, ["scan"])  # same sources: a no-op
+    assert (tmp_path / "out" / "scan" / "_SUCCESS.json").read_bytes() == first
+    jsonl = src / "odd.jsonl"
+    jsonl.write_text(jsonl.read_text().replace('"caption": "', '"caption": "New: ', 1))
+    with pytest.raises(ValueError, match="sources changed since"):
+        run(cfg, ["scan"])
+
+
 def test_two_ranks_give_the_same_output_as_one(reference):
     """Two real processes with RANK/WORLD_SIZE split the input shards; rank 0 ends with the same bytes."""
     root, _ = reference
