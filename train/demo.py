@@ -3,8 +3,8 @@
 `make demo` (= `python -m train.demo --run-dir runs/demo`) runs every step as its own process, with
 the same commands a user would type (`make curate`, `make pretrain-stage1`, ...), so the demo
 exercises exactly the shipped entry points and configs. A finished step (its export or report
-exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` redoes
-everything. `--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
+exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` deletes
+each step's output (curated shards, stage checkpoints and exports, evaluation) and redoes it. `--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,11 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Step:
-    """One demo step: a command line, and the file whose existence means the step is done."""
+    """One demo step: a command line, the file whose existence means the step is done, and the folder
+    it writes (what `--force` deletes: steps resume from what is on disk)."""
 
     name: str
     argv: list[str]
     done_marker: Path
+    output: Path
 
 
 def training_step(name: str, script: str, config: str, run: Path, extra: Sequence[str]) -> Step:
@@ -53,7 +56,7 @@ def training_step(name: str, script: str, config: str, run: Path, extra: Sequenc
     if name == "sft":
         argv += ["--data.json", str(data / "sft_easy_vqa.json"), "--data.image_root", str(data)]
         argv += ["--model.init_path", str(run / "stage2" / "export")]
-    return Step(name, argv + list(extra), run / name / "export" / "config.json")
+    return Step(name, argv + list(extra), run / name / "export" / "config.json", run / name)
 
 
 def demo_steps(
@@ -81,11 +84,11 @@ def demo_steps(
     evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]
     evaluate += ["--benchmark", "easy_vqa", "--out", str(run / "eval"), *eval_args]
     return [
-        Step("curate", curate, data / "curated" / "shards" / "manifest.jsonl"),
+        Step("curate", curate, data / "curated" / "shards" / "manifest.jsonl", data / "curated"),
         training_step("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", run, stage_args),
         training_step("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", run, stage_args),
         training_step("sft", "sft.py", "configs/tiny/sft.yaml", run, stage_args),
-        Step("eval", evaluate, run / "eval" / "easy_vqa.json"),
+        Step("eval", evaluate, run / "eval" / "easy_vqa.json", run / "eval"),
     ]
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--no-align", action="store_true", help="train without the patch-aligning loss")
-    parser.add_argument("--force", action="store_true", help="redo steps that are already done")
+    parser.add_argument("--force", action="store_true", help="delete the steps' outputs and redo them")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument(
         "--curate-override",
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         if step.done_marker.exists() and not args.force:
             logger.info("== %s: done already (%s); --force redoes it", step.name, step.done_marker)
             continue
+        if args.force and step.output.exists():
+            logger.info("== %s: --force: deleting %s", step.name, step.output)
+            shutil.rmtree(step.output)
         timings[step.name] = round(run_step(step, log_dir), 1)
     timings["total"] = round(time.time() - t0, 1)
 

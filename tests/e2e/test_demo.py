@@ -10,29 +10,25 @@ from PIL import Image
 
 from train.demo import main
 
+SMALL = [
+    "--eval-limit",
+    "12",
+    "--curate-override",
+    "scan.max_images=48",
+    "--curate-override",
+    "cluster.k=4",
+    "--curate-override",
+    "select.per_cluster=10",
+    "--train-override",
+    "train.global_batch_size=4",
+    "--train-override",
+    "train.micro_batch_size=4",
+]
+
 
 def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     run = tmp_path / "demo"
-    main(
-        [
-            "--run-dir",
-            str(run),
-            "--eval-limit",
-            "12",
-            "--curate-override",
-            "scan.max_images=48",
-            "--curate-override",
-            "cluster.k=4",
-            "--curate-override",
-            "select.per_cluster=10",
-            "--train-override",
-            "train.max_steps=2",
-            "--train-override",
-            "train.global_batch_size=4",
-            "--train-override",
-            "train.micro_batch_size=4",
-        ]
-    )
+    main(["--run-dir", str(run), *SMALL, "--train-override", "train.max_steps=2"])
     # Curation kept at most k * per_cluster = 40 of the 48 scanned images, listed in the manifest.
     manifest = (run / "data/curated/shards/manifest.jsonl").read_text().splitlines()
     assert 0 < len(manifest) <= 40
@@ -52,3 +48,8 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     before = (run / "sft" / "metrics.jsonl").stat().st_mtime_ns
     main(["--run-dir", str(run), "--eval-limit", "12"])
     assert (run / "sft" / "metrics.jsonl").stat().st_mtime_ns == before
+    # --force deletes each step's output and trains afresh (not resuming the finished 2-step run).
+    main(["--run-dir", str(run), *SMALL, "--train-override", "train.max_steps=1", "--force"])
+    for stage in ("stage1", "stage2", "sft"):
+        rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1]
