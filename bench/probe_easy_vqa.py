@@ -9,6 +9,8 @@
 2. Linear probes (logistic regression, 900 train / 300 held-out train images) on the hidden state at
    the position that predicts the answer of "is there a {random colour} shape?" in the evaluation
    prompt, per layer: is the image's colour there, the asked colour, their match?
+3. The same match probe at the asked colour word of the question ("...USER: <image>\nis there a
+   red"), where the demo's stage-2 attribute checks teach the comparison.
 """
 
 from __future__ import annotations
@@ -48,36 +50,22 @@ def match_split(path: str) -> None:
 
 
 @torch.no_grad()
-def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
-    """Print held-out probe accuracy for image colour, asked colour and match at every layer."""
+def last_states(model, processor, prompts: list[str], images: list[Image.Image]) -> np.ndarray:
+    """(N, layers + 1, D) hidden states at the last prompt position, in batches of 100."""
+    states = []
+    for b in range(0, len(prompts), 100):
+        out = model(**processor(prompts[b : b + 100], images[b : b + 100]), output_hidden_states=True)
+        states.append(torch.stack([h[:, -1].float() for h in out.hidden_states], 1))
+    return torch.cat(states).numpy()
+
+
+def print_probes(h: np.ndarray, targets: dict[str, np.ndarray]) -> None:
+    """Held-out accuracy (last quarter) of a logistic-regression probe per layer and target."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = EveForCausalLM.from_pretrained(model_dir).eval()
-    processor = EveProcessor.from_pretrained(model_dir)
-    split = easy_vqa_dir("train")
-    attrs, _, _ = easy_vqa_attributes(split)
-    ids = [i for i in sorted(attrs) if attrs[i][0] is not None][:n]
-    rng = random.Random(seed)
-    asked = [rng.choice(COLORS) for _ in ids]
-    states = []
-    for b in range(0, len(ids), 100):
-        prompts = [
-            processor.build_prompt(f"is there a {q} shape?\n{SHORT_ANSWER_PROMPT}", "vicuna_v1")
-            for q in asked[b : b + 100]
-        ]
-        images = [Image.open(split / "images" / f"{i}.png") for i in ids[b : b + 100]]
-        out = model(**processor(prompts, images), output_hidden_states=True)
-        states.append(torch.stack([h[:, -1].float() for h in out.hidden_states], 1))  # (B, L+1, D)
-    h = torch.cat(states).numpy()
-    colour = np.array([COLORS.index(attrs[i][0]) for i in ids])
-    q = np.array([COLORS.index(x) for x in asked])
-    targets = {"image colour": colour, "asked colour": q, "match": (colour == q).astype(int)}
-    cut = int(0.75 * len(ids))
-    print(
-        f"held-out probe accuracy ({len(ids) - cut} images; chance: colours 12.5%, match {100 * (1 - targets['match'][cut:].mean()):.1f}%)"
-    )
+    cut = int(0.75 * len(h))
     for layer in range(h.shape[1]):
         row = []
         for name, y in targets.items():
@@ -86,6 +74,44 @@ def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
             )
             row.append(f"{name} {100 * clf.score(h[cut:, layer], y[cut:]):5.1f}%")
         print(f"layer {layer}: " + ", ".join(row))
+
+
+def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
+    """Print held-out probe accuracy for image colour, asked colour and match at every layer, at the
+    answer position; then for the match at the asked colour word itself (asked colour = the image's
+    with odds 1/2), where stage 2's attribute checks teach the comparison."""
+    model = EveForCausalLM.from_pretrained(model_dir).eval()
+    processor = EveProcessor.from_pretrained(model_dir)
+    split = easy_vqa_dir("train")
+    attrs, _, _ = easy_vqa_attributes(split)
+    ids = [i for i in sorted(attrs) if attrs[i][0] is not None][:n]
+    images = [Image.open(split / "images" / f"{i}.png") for i in ids]
+    colour = np.array([COLORS.index(attrs[i][0]) for i in ids])
+    rng = random.Random(seed)
+
+    asked = np.array([rng.randrange(len(COLORS)) for _ in ids])
+    prompts = [
+        processor.build_prompt(f"is there a {COLORS[q]} shape?\n{SHORT_ANSWER_PROMPT}", "vicuna_v1")
+        for q in asked
+    ]
+    match = (colour == asked).astype(int)
+    print(
+        f"answer position, held-out probe accuracy ({len(ids) - int(0.75 * len(ids))} images; "
+        f"chance: colours 12.5%, match {100 * (1 - match[int(0.75 * len(ids)) :].mean()):.1f}%)"
+    )
+    h = last_states(model, processor, prompts, images)
+    print_probes(h, {"image colour": colour, "asked colour": asked, "match": match})
+
+    same = np.array([rng.random() < 0.5 for _ in ids])
+    asked = np.where(
+        same, colour, (colour + np.array([rng.randrange(1, len(COLORS)) for _ in ids])) % len(COLORS)
+    )
+    cut_after_word = [
+        processor.build_prompt(f"is there a {COLORS[q]}", "vicuna_v1").rsplit(" ASSISTANT:", 1)[0]
+        for q in asked
+    ]
+    print("asked colour word (...USER: <image>\\nis there a red), match probe (chance ~50%)")
+    print_probes(last_states(model, processor, cut_after_word, images), {"match": same.astype(int)})
 
 
 def main() -> None:
