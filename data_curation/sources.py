@@ -186,7 +186,8 @@ def sources_fingerprint(cfg: CurationConfig) -> str:
     fingerprint; folder and tar sources are identified by their settings only.
     """
     h = hashlib.sha256()
-    h.update(json.dumps([dataclasses.asdict(s) for s in cfg.sources], sort_keys=True).encode())
+    settings = [{**dataclasses.asdict(s), "path": str(Path(s.path).resolve())} for s in cfg.sources]
+    h.update(json.dumps(settings, sort_keys=True).encode())  # absolute: `make demo` and `make curate` agree
     h.update(json.dumps(dataclasses.asdict(cfg.scan), sort_keys=True).encode())
     for src in cfg.sources:
         if src.type == "jsonl" and Path(src.path).is_file():

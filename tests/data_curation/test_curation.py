@@ -422,6 +422,12 @@ def test_rerun_with_changed_sources_is_an_error_not_stale_shards(reference, tmp_
     first = (tmp_path / "out" / "scan" / "_SUCCESS.json").read_bytes()
     run(cfg, ["scan"])  # same sources: a no-op
     assert (tmp_path / "out" / "scan" / "_SUCCESS.json").read_bytes() == first
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # the same sources named by relative paths (make curate) rather than absolute ones (make demo)
+        run(load_config(None, overrides(Path("src"), tmp_path / "out")), ["scan"])
+    finally:
+        os.chdir(cwd)
     jsonl = src / "odd.jsonl"
     jsonl.write_text(jsonl.read_text().replace('"caption": "', '"caption": "New: ', 1))
     with pytest.raises(ValueError, match="sources changed since"):
