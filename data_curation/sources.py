@@ -191,7 +191,9 @@ def sources_fingerprint(cfg: CurationConfig) -> str:
     h.update(json.dumps(dataclasses.asdict(cfg.scan), sort_keys=True).encode())
     for src in cfg.sources:
         if src.type == "jsonl" and Path(src.path).is_file():
-            h.update(Path(src.path).read_bytes())
+            with open(src.path, "rb") as f:  # in blocks: a LAION-scale list does not fit in memory
+                while block := f.read(1 << 20):
+                    h.update(block)
     return h.hexdigest()
 
 
