@@ -59,13 +59,18 @@ def last_states(model, processor, prompts: list[str], images: list[Image.Image])
     return torch.cat(states).numpy()
 
 
+def held_out_start(n: int) -> int:
+    """Probes fit on the first three quarters and are scored on the last quarter."""
+    return int(0.75 * n)
+
+
 def print_probes(h: np.ndarray, targets: dict[str, np.ndarray]) -> None:
     """Held-out accuracy (last quarter) of a logistic-regression probe per layer and target."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    cut = int(0.75 * len(h))
+    cut = held_out_start(len(h))
     for layer in range(h.shape[1]):
         row = []
         for name, y in targets.items():
@@ -95,9 +100,10 @@ def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
         for q in asked
     ]
     match = (colour == asked).astype(int)
+    cut = held_out_start(len(ids))
     print(
-        f"answer position, held-out probe accuracy ({len(ids) - int(0.75 * len(ids))} images; "
-        f"chance: colours 12.5%, match {100 * (1 - match[int(0.75 * len(ids)) :].mean()):.1f}%)"
+        f"answer position, held-out probe accuracy ({len(ids) - cut} images; "
+        f"chance: colours 12.5%, match {100 * (1 - match[cut:].mean()):.1f}%)"
     )
     h = last_states(model, processor, prompts, images)
     print_probes(h, {"image colour": colour, "asked colour": asked, "match": match})

@@ -4,7 +4,8 @@
 the same commands a user would type (`make curate`, `make pretrain-stage1`, ...), so the demo
 exercises exactly the shipped entry points and configs. A finished step (its export or report
 exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` deletes
-each step's output (curated shards, stage checkpoints and exports, evaluation) and redoes it. `--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
+each step's output (curated shards, stage checkpoints and exports, evaluation) and redoes it.
+`--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
 """
 
 from __future__ import annotations
