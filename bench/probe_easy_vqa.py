@@ -11,11 +11,17 @@
    prompt, per layer: is the image's colour there, the asked colour, their match?
 3. The same match probe at the asked colour word of the question ("...USER: <image>\nis there a
    red"), where the demo's stage-2 attribute checks teach the comparison.
+4. No probe, the model's own output: the AUC of its "yes" minus "no" logit against the true answer,
+   for colour and shape, positive ("is there a red shape?") and negated ("is there not a red
+   shape?") questions (the named attribute is the image's own with odds 1/2; 300 test images
+   each), at the answer position of the evaluation prompt and at the attribute word itself. 0.5: the
+   image is not read; 0: read but the negation ignored. The word rows are for stage-2 exports.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from collections import defaultdict
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_curation.embedded import COLORS, easy_vqa_attributes, question_negated
+from data_curation.embedded import COLORS, SHAPES, easy_vqa_attributes, question_negated
 from eve import EveForCausalLM, EveProcessor
 from eve.assets import easy_vqa_dir
 from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
@@ -120,6 +126,51 @@ def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
     print_probes(last_states(model, processor, cut_after_word, images), {"match": same.astype(int)})
 
 
+def auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos, neg = score[positive][:, None], score[~positive][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+@torch.no_grad()
+def yes_no_aucs(model_dir: str, n: int = 300, seed: int = 0) -> None:
+    """Print the AUC of the yes-minus-no logit per attribute, polarity and position (docstring, 4)."""
+    model = EveForCausalLM.from_pretrained(model_dir).eval()
+    processor = EveProcessor.from_pretrained(model_dir)
+    tokenizer = processor.tokenizer
+    yes, no = (tokenizer.convert_tokens_to_ids(t) for t in ("▁yes", "▁no"))
+    split = easy_vqa_dir("test")
+    attrs, _, _ = easy_vqa_attributes(split)
+    print(f"yes-minus-no logit AUC against the true answer ({n} test images each; 0.5 = not read)")
+    for kind, index, vocab, noun in (("colour", 0, COLORS, " shape"), ("shape", 1, SHAPES, "")):
+        ids = [i for i in sorted(attrs) if attrs[i][index] is not None][:n]
+        images = [Image.open(split / "images" / f"{i}.png") for i in ids]
+        rng = random.Random(seed)
+        own = np.array([rng.random() < 0.5 for _ in ids])
+        named = [
+            attrs[i][index] if same else rng.choice([v for v in vocab if v != attrs[i][index]])
+            for i, same in zip(ids, own)
+        ]
+        row = []
+        for negated, where in itertools.product((False, True), ("answer", "word")):
+            start = "is there not a" if negated else "is there a"
+            if where == "word":
+                prompts = [
+                    processor.build_prompt(f"{start} {v}", "vicuna_v1").rsplit(" ASSISTANT:", 1)[0]
+                    for v in named
+                ]
+            else:
+                question = f"{start} {{}}{noun}?\n{SHORT_ANSWER_PROMPT}"
+                prompts = [processor.build_prompt(question.format(v), "vicuna_v1") for v in named]
+            margin = []
+            for b in range(0, len(ids), 100):
+                logits = model(**processor(prompts[b : b + 100], images[b : b + 100])).logits[:, -1].float()
+                margin.append(logits[:, yes] - logits[:, no])
+            score = auc(torch.cat(margin).numpy(), own != negated)
+            row.append(f"{'negated' if negated else 'positive'} at {where} {score:.3f}")
+        print(f"{kind:7s} " + ", ".join(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="exported checkpoint")
@@ -130,6 +181,7 @@ def main() -> None:
     if args.predictions:
         match_split(args.predictions)
     probes(args.model, args.images)
+    yes_no_aucs(args.model)
 
 
 if __name__ == "__main__":
