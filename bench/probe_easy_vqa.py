@@ -56,13 +56,22 @@ def match_split(path: str) -> None:
 
 
 @torch.no_grad()
-def last_states(model, processor, prompts: list[str], images: list[Image.Image]) -> np.ndarray:
-    """(N, layers + 1, D) hidden states at the last prompt position, in batches of 100."""
-    states = []
+def last_position(model, processor, prompts: list[str], images: list[Image.Image], hidden: bool):
+    """At the last prompt position, in batches of 100: the (N, layers + 1, D) hidden states with
+    `hidden`, else the (N, V) logits."""
+    rows = []
     for b in range(0, len(prompts), 100):
-        out = model(**processor(prompts[b : b + 100], images[b : b + 100]), output_hidden_states=True)
-        states.append(torch.stack([h[:, -1].float() for h in out.hidden_states], 1))
-    return torch.cat(states).numpy()
+        out = model(**processor(prompts[b : b + 100], images[b : b + 100]), output_hidden_states=hidden)
+        if hidden:
+            rows.append(torch.stack([h[:, -1].float() for h in out.hidden_states], 1))
+        else:
+            rows.append(out.logits[:, -1].float())
+    return torch.cat(rows).numpy()
+
+
+def up_to_word(processor, text: str) -> str:
+    """The vicuna_v1 prompt cut right after `text` ("...USER: <image>\nis there a red")."""
+    return processor.build_prompt(text, "vicuna_v1").rsplit(" ASSISTANT:", 1)[0]
 
 
 def held_out_start(n: int) -> int:
@@ -87,12 +96,10 @@ def print_probes(h: np.ndarray, targets: dict[str, np.ndarray]) -> None:
         print(f"layer {layer}: " + ", ".join(row))
 
 
-def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
+def probes(model, processor, n: int = 1200, seed: int = 0) -> None:
     """Print held-out probe accuracy for image colour, asked colour and match at every layer, at the
     answer position; then for the match at the asked colour word itself (asked colour = the image's
     with odds 1/2), where stage 2's attribute checks teach the comparison."""
-    model = EveForCausalLM.from_pretrained(model_dir).eval()
-    processor = EveProcessor.from_pretrained(model_dir)
     split = easy_vqa_dir("train")
     attrs, _, _ = easy_vqa_attributes(split)
     ids = [i for i in sorted(attrs) if attrs[i][0] is not None][:n]
@@ -111,19 +118,17 @@ def probes(model_dir: str, n: int = 1200, seed: int = 0) -> None:
         f"answer position, held-out probe accuracy ({len(ids) - cut} images; "
         f"chance: colours 12.5%, match {100 * (1 - match[cut:].mean()):.1f}%)"
     )
-    h = last_states(model, processor, prompts, images)
+    h = last_position(model, processor, prompts, images, hidden=True)
     print_probes(h, {"image colour": colour, "asked colour": asked, "match": match})
 
     same = np.array([rng.random() < 0.5 for _ in ids])
     asked = np.where(
         same, colour, (colour + np.array([rng.randrange(1, len(COLORS)) for _ in ids])) % len(COLORS)
     )
-    cut_after_word = [
-        processor.build_prompt(f"is there a {COLORS[q]}", "vicuna_v1").rsplit(" ASSISTANT:", 1)[0]
-        for q in asked
-    ]
+    cut_after_word = [up_to_word(processor, f"is there a {COLORS[q]}") for q in asked]
     print("asked colour word (...USER: <image>\\nis there a red), match probe (chance ~50%)")
-    print_probes(last_states(model, processor, cut_after_word, images), {"match": same.astype(int)})
+    h = last_position(model, processor, cut_after_word, images, hidden=True)
+    print_probes(h, {"match": same.astype(int)})
 
 
 def auc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -132,11 +137,8 @@ def auc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
-@torch.no_grad()
-def yes_no_aucs(model_dir: str, n: int = 300, seed: int = 0) -> None:
+def yes_no_aucs(model, processor, n: int = 300, seed: int = 0) -> None:
     """Print the AUC of the yes-minus-no logit per attribute, polarity and position (docstring, 4)."""
-    model = EveForCausalLM.from_pretrained(model_dir).eval()
-    processor = EveProcessor.from_pretrained(model_dir)
     tokenizer = processor.tokenizer
     yes, no = (tokenizer.convert_tokens_to_ids(t) for t in ("▁yes", "▁no"))
     split = easy_vqa_dir("test")
@@ -155,18 +157,12 @@ def yes_no_aucs(model_dir: str, n: int = 300, seed: int = 0) -> None:
         for negated, where in itertools.product((False, True), ("answer", "word")):
             start = "is there not a" if negated else "is there a"
             if where == "word":
-                prompts = [
-                    processor.build_prompt(f"{start} {v}", "vicuna_v1").rsplit(" ASSISTANT:", 1)[0]
-                    for v in named
-                ]
+                prompts = [up_to_word(processor, f"{start} {v}") for v in named]
             else:
                 question = f"{start} {{}}{noun}?\n{SHORT_ANSWER_PROMPT}"
                 prompts = [processor.build_prompt(question.format(v), "vicuna_v1") for v in named]
-            margin = []
-            for b in range(0, len(ids), 100):
-                logits = model(**processor(prompts[b : b + 100], images[b : b + 100])).logits[:, -1].float()
-                margin.append(logits[:, yes] - logits[:, no])
-            score = auc(torch.cat(margin).numpy(), own != negated)
+            logits = last_position(model, processor, prompts, images, hidden=False)
+            score = auc(logits[:, yes] - logits[:, no], own != negated)
             row.append(f"{'negated' if negated else 'positive'} at {where} {score:.3f}")
         print(f"{kind:7s} " + ", ".join(row))
 
@@ -180,8 +176,10 @@ def main() -> None:
     torch.manual_seed(0)
     if args.predictions:
         match_split(args.predictions)
-    probes(args.model, args.images)
-    yes_no_aucs(args.model)
+    model = EveForCausalLM.from_pretrained(args.model).eval()
+    processor = EveProcessor.from_pretrained(args.model)
+    probes(model, processor, args.images)
+    yes_no_aucs(model, processor)
 
 
 if __name__ == "__main__":
