@@ -14,8 +14,10 @@
 4. No probe, the model's own output: the AUC of its "yes" minus "no" logit against the true answer,
    for colour and shape, positive ("is there a red shape?") and negated ("is there not a red
    shape?") questions (the named attribute is the image's own with odds 1/2; 300 test images
-   each), at the answer position of the evaluation prompt and at the attribute word itself. 0.5: the
-   image is not read; 0: read but the negation ignored. The word rows are for stage-2 exports.
+   each), at the answer position of the evaluation prompt, at the attribute word itself and at the
+   end of the whole question as a plain stage-2 caption ("<image>is there a red shape?"). 0.5: the
+   image is not read; 0: read but the negation ignored. The word and caption rows are for stage-2
+   exports.
 """
 
 from __future__ import annotations
@@ -154,10 +156,12 @@ def yes_no_aucs(model, processor, n: int = 300, seed: int = 0) -> None:
             for i, same in zip(ids, own)
         ]
         row = []
-        for negated, where in itertools.product((False, True), ("answer", "word")):
+        for negated, where in itertools.product((False, True), ("answer", "word", "caption")):
             start = "is there not a" if negated else "is there a"
             if where == "word":
                 prompts = [up_to_word(processor, f"{start} {v}") for v in named]
+            elif where == "caption":  # the whole question as a stage-2 caption (plain template)
+                prompts = [f"<image>{start} {v}{noun}?" for v in named]
             else:
                 question = f"{start} {{}}{noun}?\n{SHORT_ANSWER_PROMPT}"
                 prompts = [processor.build_prompt(question.format(v), "vicuna_v1") for v in named]

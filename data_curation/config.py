@@ -159,6 +159,11 @@ class CurationConfig:
     """Append the short-answer instruction of the evaluation prompt to each embedded SFT question."""
     embedded_caption_checks: str = "none"
     """Attribute checks before each embedded easy-vqa caption: "none", "tags", "questions" or "positive"."""
+    embedded_caption_questions: str = "none"
+    """Whole yes/no questions + answers after the checks of each embedded easy-vqa caption: "none",
+    "positive" (no negated phrasings) or "all"."""
+    embedded_sft_synthetic: int = 0
+    """Extra balanced yes/no question pairs (one colour, one shape) per image in the embedded SFT set."""
     seed: int = 0
     """Seed of everything random (clustering, shuffling)."""
     barrier_timeout_s: float = 86400.0

@@ -201,6 +201,53 @@ def attribute_checks(
     return f"{', '.join(checks)}." if checks else ""
 
 
+CAPTION_QUESTIONS = ("none", "positive", "all")  # build(caption_questions=...); see yes_no_pairs
+
+
+def question_templates(questions: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """easy-vqa's yes/no question phrasings with the attribute as "{}", per kind ("colour", "shape").
+
+    "is there a red shape?" -> "is there a {} shape?" (colour); "is no circle present?" -> "is no {}
+    present?" (shape). Sorted, so the same questions give the same list.
+    """
+    out: dict[str, set[str]] = {"colour": set(), "shape": set()}
+    for q, a in questions:
+        if a not in ("yes", "no"):
+            continue
+        words = q.split(" ")
+        for kind, vocab in (("colour", COLORS), ("shape", SHAPES)):
+            hits = [j for j, w in enumerate(words) if w.rstrip("?") in vocab]
+            if hits:
+                j = hits[0]
+                words[j] = "{}" + ("?" if words[j].endswith("?") else "")
+                out[kind].add(" ".join(words))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def yes_no_pairs(
+    colour: str | None,
+    shape: str | None,
+    templates: dict[str, list[str]],
+    rng: random.Random,
+    negated: bool = True,
+) -> list[tuple[str, str]]:
+    """[("is there a red shape?", "no"), ("is no circle present?", "no")]: one yes/no question per attribute.
+
+    Each names the image's own attribute or another with equal odds (so the answer cannot be read off
+    the question, unlike easy-vqa's own questions, 82.5% of which the question alone answers), in one
+    of easy-vqa's phrasings (negated ones only with `negated`), with its true answer.
+    """
+    pairs = []
+    for value, vocab, kind in ((colour, COLORS, "colour"), (shape, SHAPES, "shape")):
+        if value is None:
+            continue
+        same = rng.random() < 0.5
+        named = value if same else rng.choice([v for v in vocab if v != value])
+        tpl = rng.choice([t for t in templates[kind] if negated or not question_negated(t)])
+        pairs.append((tpl.format(named), "yes" if same != question_negated(tpl) else "no"))
+    return pairs
+
+
 def link_or_copy(target: Path, link: Path) -> None:
     """Symlink `link` -> `target`; copy when links are not possible (e.g. some Windows/CI filesystems)."""
     if link.is_symlink() or link.exists():
@@ -243,6 +290,8 @@ def build(
     sft_instruction: bool = True,
     sft_balance: bool = False,
     caption_checks: str = "none",
+    caption_questions: str = "none",
+    sft_synthetic: int = 0,
 ) -> dict:
     """Write the embedded default sources under `out`; returns counts.
 
@@ -254,10 +303,16 @@ def build(
     yes, circle no. A blue circle.", or phrased as questions), seeded; "none" (the default) leaves
     them out (see `attribute_checks` for why); "positive" phrases them with the non-negated question
     starts only ("is there a red yes, is a circle no.").
+    `caption_questions` "positive" or "all" puts whole yes/no questions with their answers after the
+    checks (`yes_no_pairs`: "is there a red shape? no. is a circle present? yes."), seeded; with or
+    without checks, a tiny LLM did not learn to answer them from the image (README, easy-vqa).
+    `sft_synthetic` adds that many `yes_no_pairs` per train image to its SFT questions.
     """
     from eve.assets import SKIMAGE_PHOTOS, easy_vqa_dir, skimage_data_dir  # asset paths only
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
 
+    if caption_questions not in CAPTION_QUESTIONS:
+        raise ValueError(f"caption_questions must be one of {CAPTION_QUESTIONS}, got {caption_questions!r}")
     if caption_checks not in CAPTION_CHECKS:
         raise ValueError(f"caption_checks must be one of {CAPTION_CHECKS}, got {caption_checks!r}")
     out = Path(out)
@@ -269,18 +324,19 @@ def build(
 
     attrs, per_image, how = easy_vqa_attributes(easy_vqa_dir("train"))
     check_rng = random.Random(f"checks-{seed}")
+    question_rng = random.Random(f"questions-{seed}")
+    templates = question_templates([qa for qas in per_image.values() for qa in qas])
     rows = []
     for i in sorted(per_image):
-        caption = caption_for(*attrs[i])
-        if caption_checks != "none" and (
-            checks := attribute_checks(
-                *attrs[i],
-                check_rng,
-                phrased=caption_checks in ("questions", "positive"),
-                negated=caption_checks == "questions",
-            )
-        ):
-            caption = f"{checks} {caption}"
+        parts = []  # checks, then whole questions, then the description
+        if caption_checks != "none":
+            phrased, negated = caption_checks in ("questions", "positive"), caption_checks == "questions"
+            parts.append(attribute_checks(*attrs[i], check_rng, phrased=phrased, negated=negated))
+        if caption_questions != "none":
+            negated = caption_questions == "all"
+            pairs = yes_no_pairs(*attrs[i], templates, question_rng, negated=negated)
+            parts += [f"{q} {a}." for q, a in pairs]
+        caption = " ".join([p for p in parts if p] + [caption_for(*attrs[i])])
         rows.append(
             {"image": f"easy_vqa/train/images/{i}.png", "caption": caption, "source": "easy_vqa_train"}
         )
@@ -292,6 +348,13 @@ def build(
 
     rng = random.Random(seed)
     sft_qa = balance_yes_no(per_image, seed) if sft_balance else per_image
+    if sft_synthetic:
+        synth_rng = random.Random(f"sft-synthetic-{seed}")
+        sft_qa = {
+            i: list(qa)
+            + [p for _ in range(sft_synthetic) for p in yes_no_pairs(*attrs[i], templates, synth_rng)]
+            for i, qa in sft_qa.items()
+        }
     sft = []
     for i in sorted(sft_qa):
         qa = list(sft_qa[i])
@@ -342,6 +405,19 @@ def main(argv: list[str] | None = None) -> None:
         '"is no red yes, is there a circle no. ..." (questions) or "is there a red yes, is a circle no. ..." '
         "(positive)",
     )
+    parser.add_argument(
+        "--caption-questions",
+        choices=CAPTION_QUESTIONS,
+        default="none",
+        help='start easy-vqa captions with whole yes/no questions and answers: "is there a red shape? no. '
+        'is no circle present? no. A blue circle." (all; positive: no negated phrasings)',
+    )
+    parser.add_argument(
+        "--sft-synthetic",
+        type=int,
+        default=0,
+        help="per train image, this many extra balanced yes/no question pairs (colour + shape) in the SFT set",
+    )
     args = parser.parse_args(argv)
     build(
         args.out,
@@ -350,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         not args.no_sft_instruction,
         args.sft_balance,
         caption_checks=args.caption_checks,
+        caption_questions=args.caption_questions,
+        sft_synthetic=args.sft_synthetic,
     )
 
 

@@ -44,6 +44,8 @@ def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:
             cfg.embedded_sft_turns,
             cfg.embedded_sft_instruction,
             caption_checks=cfg.embedded_caption_checks,
+            caption_questions=cfg.embedded_caption_questions,
+            sft_synthetic=cfg.embedded_sft_synthetic,
         )
     logger.info("curation into %s (rank %d of %d)", cfg.out, rank, world)
     for name, module in STEPS:

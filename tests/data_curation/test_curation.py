@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,16 @@ from data_curation.captions import caption_problem, is_repetitive, is_unfinished
 from data_curation.cluster import assign, kmeans
 from data_curation.common import read_jsonl
 from data_curation.config import CaptionConfig, load_config
-from data_curation.embedded import COLORS, SHAPES, attribute_checks, attributes_from_questions, caption_for
+from data_curation.embedded import (
+    COLORS,
+    SHAPES,
+    attribute_checks,
+    attributes_from_questions,
+    caption_for,
+    question_negated,
+    question_templates,
+    yes_no_pairs,
+)
 from data_curation.selection import select_nearest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,6 +179,102 @@ def test_attribute_checks_phrased_as_questions():
         *prefix, named, verdict = check.split()
         assert "not" not in prefix and "no" not in prefix
         assert verdict == ("yes" if named in ("red", "circle") else "no")
+
+
+def test_question_templates_from_hand_made_questions():
+    """Templates replace the one attribute word of each yes/no question (keeping its "?"); open
+    questions and repeats add nothing."""
+    qa = [
+        ("is there a red shape?", "no"),
+        ("is there a blue shape?", "yes"),
+        ("is no circle present?", "yes"),
+        ("is there a triangle?", "no"),
+        ("what color is the circle?", "red"),
+    ]
+    assert question_templates(qa) == {
+        "colour": ["is there a {} shape?"],
+        "shape": ["is no {} present?", "is there a {}?"],
+    }
+
+
+def yes_no_truth(question: str, answer: str, colour: str, shape: str) -> tuple[str, bool]:
+    """(the attribute an easy-vqa yes/no question names, whether `answer` is right for the image)."""
+    named = [w.rstrip("?") for w in question.split() if w.rstrip("?") in COLORS + SHAPES]
+    assert len(named) == 1 and question.endswith("?"), question
+    negated = " not " in question or question.startswith("is no ")
+    return named[0], answer == ("yes" if (named[0] in (colour, shape)) != negated else "no")
+
+
+def test_yes_no_pairs_answer_truly_and_balanced():
+    """One question per attribute; its answer is right for the image (a negated question is true when
+    the image lacks the attribute); the named attribute is the image's own with odds 1/2, so "yes" is
+    as common as "no" whatever the phrasing."""
+    import random
+
+    templates = {
+        "colour": ["is there a {} shape?", "is there not a {} shape?"],
+        "shape": ["is a {} present?", "is no {} present?"],
+    }
+    rng = random.Random(0)
+    own = yes = 0
+    for k in range(400):
+        colour, shape = COLORS[k % 8], SHAPES[k % 3]
+        pairs = yes_no_pairs(colour, shape, templates, rng)
+        assert len(pairs) == 2
+        for (question, answer), vocab in zip(pairs, (COLORS, SHAPES)):
+            named, right = yes_no_truth(question, answer, colour, shape)
+            assert named in vocab and right, (question, answer, colour, shape)
+            own += named in (colour, shape)
+            yes += answer == "yes"
+    assert 340 < own < 460 and 340 < yes < 460  # 800 questions, p = 1/2: mean 400, sd 14
+    positive = yes_no_pairs("red", "circle", templates, rng, negated=False)
+    assert len(positive) == 2 and not any(question_negated(q) for q, _ in positive)
+    assert yes_no_pairs(None, None, templates, rng) == []
+
+
+def test_embedded_build_caption_questions_and_synthetic_sft(tmp_path):
+    """caption_questions puts true whole questions between the checks and the description; sft_synthetic
+    adds two true balanced yes/no questions per pair to each image's SFT questions."""
+    from data_curation.embedded import build, easy_vqa_attributes
+    from eve.assets import easy_vqa_dir
+
+    plain = build(tmp_path / "plain", seed=0, sft_turns=3)
+    counts = build(
+        tmp_path / "q",
+        seed=0,
+        sft_turns=3,
+        caption_checks="positive",
+        caption_questions="positive",
+        sft_synthetic=1,
+    )
+    attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
+    rows = [json.loads(line) for line in (tmp_path / "q" / "sources.jsonl").read_text().splitlines()]
+    for r in [r for r in rows if r["source"] == "easy_vqa_train"][:300]:
+        colour, shape = attrs[int(r["image"].rsplit("/", 1)[1].split(".")[0])]
+        sentences = r["caption"].split(". ")
+        # the checks, two whole questions, the description
+        assert len(sentences) == 4 and sentences[-1] == f"A {colour} {shape}."
+        for sentence in sentences[1:3]:
+            question, answer = sentence.rstrip(".").rsplit(" ", 1)
+            assert yes_no_truth(question, answer, colour, shape)[1], sentence
+            assert " not " not in question and not question.startswith("is no ")
+    assert counts["sft_questions"] == plain["sft_questions"] + 2 * counts["easy_vqa_train"]
+
+    def questions(folder: str) -> dict[str, Counter]:
+        out: dict[str, Counter] = {}
+        for s in json.loads((tmp_path / folder / "sft_easy_vqa.json").read_text()):
+            turns = s["conversations"]
+            for q, a in zip(turns[::2], turns[1::2]):
+                text = q["value"].replace("<image>\n", "").split("\n")[0]
+                out.setdefault(s["image"], Counter())[(text, a["value"])] += 1
+        return out
+
+    before, after = questions("plain"), questions("q")
+    for image in list(after)[:300]:
+        extra = after[image] - before[image]
+        assert sum(extra.values()) == 2, extra
+        colour, shape = attrs[int(image.rsplit("/", 1)[1].split(".")[0])]
+        assert all(yes_no_truth(q, a, colour, shape)[1] for q, a in extra), extra
 
 
 def test_embedded_build_positive_caption_checks(tmp_path):
