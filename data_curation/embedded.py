@@ -165,6 +165,12 @@ CHECK_PREFIXES = (
 )
 
 
+def name_attribute(value: str, vocab: tuple[str, ...], rng: random.Random) -> tuple[str, bool]:
+    """(an attribute to ask about, whether it is `value`): `value` itself or another with equal odds."""
+    same = rng.random() < 0.5
+    return (value if same else rng.choice([v for v in vocab if v != value])), same
+
+
 def attribute_checks(
     colour: str | None, shape: str | None, rng: random.Random, phrased: bool = False, negated: bool = True
 ) -> str:
@@ -191,8 +197,7 @@ def attribute_checks(
     for value, vocab in ((colour, COLORS), (shape, SHAPES)):
         if value is None:
             continue
-        same = rng.random() < 0.5
-        named = value if same else rng.choice([v for v in vocab if v != value])
+        named, same = name_attribute(value, vocab, rng)
         if phrased:
             prefix, neg = rng.choice([p for p in CHECK_PREFIXES if negated or not p[1]])
             checks.append(f"{prefix} {named} {'yes' if same != neg else 'no'}")
@@ -241,8 +246,7 @@ def yes_no_pairs(
     for value, vocab, kind in ((colour, COLORS, "colour"), (shape, SHAPES, "shape")):
         if value is None:
             continue
-        same = rng.random() < 0.5
-        named = value if same else rng.choice([v for v in vocab if v != value])
+        named, same = name_attribute(value, vocab, rng)
         tpl = rng.choice([t for t in templates[kind] if negated or not question_negated(t)])
         pairs.append((tpl.format(named), "yes" if same != question_negated(tpl) else "no"))
     return pairs
@@ -409,8 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         "--caption-questions",
         choices=CAPTION_QUESTIONS,
         default="none",
-        help='start easy-vqa captions with whole yes/no questions and answers: "is there a red shape? no. '
-        'is no circle present? no. A blue circle." (all; positive: no negated phrasings)',
+        help='whole yes/no questions and answers after the checks of easy-vqa captions: "is there a red '
+        'shape? no. is no circle present? no. A blue circle." (all; positive: no negated phrasings)',
     )
     parser.add_argument(
         "--sft-synthetic",
