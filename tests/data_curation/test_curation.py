@@ -28,7 +28,6 @@ from data_curation.embedded import (
     attribute_checks,
     attributes_from_questions,
     caption_for,
-    question_negated,
     question_templates,
     yes_no_pairs,
 )
@@ -197,12 +196,18 @@ def test_question_templates_from_hand_made_questions():
     }
 
 
-def yes_no_truth(question: str, answer: str, colour: str, shape: str) -> tuple[str, bool]:
-    """(the attribute an easy-vqa yes/no question names, whether `answer` is right for the image)."""
+def image_of(path: str) -> int:
+    """The easy-vqa image id of ".../images/17.png"."""
+    return int(path.rsplit("/", 1)[1].split(".")[0])
+
+
+def yes_no_truth(question: str, answer: str, colour: str, shape: str) -> tuple[str, bool, bool]:
+    """(the attribute an easy-vqa yes/no question names, whether it is negated, whether `answer` is
+    right for the image), by hand: easy-vqa negates with "not" or "is no"."""
     named = [w.rstrip("?") for w in question.split() if w.rstrip("?") in COLORS + SHAPES]
     assert len(named) == 1 and question.endswith("?"), question
     negated = " not " in question or question.startswith("is no ")
-    return named[0], answer == ("yes" if (named[0] in (colour, shape)) != negated else "no")
+    return named[0], negated, answer == ("yes" if (named[0] in (colour, shape)) != negated else "no")
 
 
 def test_yes_no_pairs_answer_truly_and_balanced():
@@ -222,19 +227,19 @@ def test_yes_no_pairs_answer_truly_and_balanced():
         pairs = yes_no_pairs(colour, shape, templates, rng)
         assert len(pairs) == 2
         for (question, answer), vocab in zip(pairs, (COLORS, SHAPES)):
-            named, right = yes_no_truth(question, answer, colour, shape)
+            named, _, right = yes_no_truth(question, answer, colour, shape)
             assert named in vocab and right, (question, answer, colour, shape)
             own += named in (colour, shape)
             yes += answer == "yes"
     assert 340 < own < 460 and 340 < yes < 460  # 800 questions, p = 1/2: mean 400, sd 14
     positive = yes_no_pairs("red", "circle", templates, rng, negated=False)
-    assert len(positive) == 2 and not any(question_negated(q) for q, _ in positive)
+    assert len(positive) == 2 and not any(yes_no_truth(q, a, "red", "circle")[1] for q, a in positive)
     assert yes_no_pairs(None, None, templates, rng) == []
 
 
 def test_embedded_build_caption_questions_and_synthetic_sft(tmp_path):
-    """caption_questions puts true whole questions between the checks and the description; sft_synthetic
-    adds two true balanced yes/no questions per pair to each image's SFT questions."""
+    """caption_questions puts true whole questions between the checks and the description;
+    sft_synthetic=1 adds one true pair of yes/no questions (colour, shape) to each image's SFT questions."""
     from data_curation.embedded import build, easy_vqa_attributes
     from eve.assets import easy_vqa_dir
 
@@ -250,14 +255,14 @@ def test_embedded_build_caption_questions_and_synthetic_sft(tmp_path):
     attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
     rows = [json.loads(line) for line in (tmp_path / "q" / "sources.jsonl").read_text().splitlines()]
     for r in [r for r in rows if r["source"] == "easy_vqa_train"][:300]:
-        colour, shape = attrs[int(r["image"].rsplit("/", 1)[1].split(".")[0])]
+        colour, shape = attrs[image_of(r["image"])]
         sentences = r["caption"].split(". ")
         # the checks, two whole questions, the description
         assert len(sentences) == 4 and sentences[-1] == f"A {colour} {shape}."
         for sentence in sentences[1:3]:
             question, answer = sentence.rstrip(".").rsplit(" ", 1)
-            assert yes_no_truth(question, answer, colour, shape)[1], sentence
-            assert " not " not in question and not question.startswith("is no ")
+            _, negated, right = yes_no_truth(question, answer, colour, shape)
+            assert right and not negated, sentence
     assert counts["sft_questions"] == plain["sft_questions"] + 2 * counts["easy_vqa_train"]
 
     def questions(folder: str) -> dict[str, Counter]:
@@ -273,8 +278,8 @@ def test_embedded_build_caption_questions_and_synthetic_sft(tmp_path):
     for image in list(after)[:300]:
         extra = after[image] - before[image]
         assert sum(extra.values()) == 2, extra
-        colour, shape = attrs[int(image.rsplit("/", 1)[1].split(".")[0])]
-        assert all(yes_no_truth(q, a, colour, shape)[1] for q, a in extra), extra
+        colour, shape = attrs[image_of(image)]
+        assert all(yes_no_truth(q, a, colour, shape)[2] for q, a in extra), extra
 
 
 def test_embedded_build_positive_caption_checks(tmp_path):
@@ -285,9 +290,6 @@ def test_embedded_build_positive_caption_checks(tmp_path):
 
     counts = build(tmp_path, seed=0, sft_turns=3, caption_checks="positive")
     attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
-
-    def image_of(path: str) -> int:
-        return int(path.rsplit("/", 1)[1].split(".")[0])
 
     def assert_true_checks(text: str, image: int) -> None:
         for check in text.rstrip(".").split(", "):
