@@ -111,6 +111,11 @@ class OptimConfig:
     """Peak learning rate (after warm-up)."""
     lr_scale: dict[str, float] = field(default_factory=dict)
     """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner"), on top of the stage table."""
+    frozen: list[str] = field(default_factory=list)
+    """Groups kept frozen although the stage table trains them (e.g. ["vision", "projector"])."""
+    frozen_llm_layers: int = 0
+    """Keep the LLM's input embeddings and its first N decoder layers frozen (0: none); the layers
+    above, the final norm and the LM head train as the stage says."""
     weight_decay: float = 0.0
     """AdamW weight decay (EVE: 0)."""
     betas: tuple[float, float] = (0.9, 0.999)

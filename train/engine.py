@@ -31,7 +31,15 @@ from train.aligning import ALIGNER_CONFIG, AlignerConfig, PatchAligner, layers_f
 from train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RunConfig, config_to_dict
 from train.distributed_utils import DistInfo, all_reduce_sum, barrier, init_distributed
-from train.stages import Stage, apply_stage, frozen_check, get_stage, log_parameter_counts, module_groups
+from train.stages import (
+    Stage,
+    apply_stage,
+    frozen_check,
+    get_stage,
+    log_parameter_counts,
+    lower_llm_modules,
+    module_groups,
+)
 from train.teacher import TeacherSet, build_teachers, teacher_keys
 from train.train_logging import MetricsWriter, get_logger
 
@@ -498,7 +506,15 @@ def train(config: RunConfig) -> Path:
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     groups = module_groups(model, aligner)
-    param_groups = apply_stage(stage, module, groups, config.optim.lr, config.optim.lr_scale)
+    param_groups = apply_stage(
+        stage,
+        module,
+        groups,
+        config.optim.lr,
+        config.optim.lr_scale,
+        frozen=config.optim.frozen,
+        frozen_modules=lower_llm_modules(model, config.optim.frozen_llm_layers),
+    )
     log_parameter_counts(stage, groups, dist_info.rank)
     torch.manual_seed(tc.seed + dist_info.rank)  # per-rank randomness from here on
 

@@ -112,29 +112,51 @@ def group_parameters(groups: dict[str, list[nn.Module]]) -> dict[str, list[nn.Pa
     return out
 
 
+def lower_llm_modules(model: nn.Module, n_layers: int) -> list[nn.Module]:
+    """The LLM's input embeddings and its first `n_layers` decoder layers (what `optim.frozen_llm_layers`
+    keeps frozen); n_layers 0 freezes nothing."""
+    if n_layers == 0:
+        return []
+    layers = model.model.layers
+    if not 0 < n_layers < len(layers):
+        raise ValueError(
+            f"optim.frozen_llm_layers={n_layers}: the LLM has {len(layers)} decoder layers; "
+            f"freeze 0 to {len(layers) - 1} of them"
+        )
+    return [model.model.embed_tokens, *layers[:n_layers]]
+
+
 def apply_stage(
     stage: Stage,
     trained: nn.Module,
     groups: dict[str, list[nn.Module]],
     lr: float,
     lr_scale: Mapping[str, float],
+    frozen: tuple[str, ...] | list[str] = (),
+    frozen_modules: list[nn.Module] | tuple[nn.Module, ...] = (),
 ) -> list[dict]:
     """Freeze what the stage freezes; return AdamW parameter groups (one per trainable group).
 
-    Every parameter of `trained` must fall in a group, so that nothing trains or freezes by accident.
+    `frozen` names groups to keep frozen on top of the stage table, and `frozen_modules` are modules
+    kept frozen inside trained groups (`lower_llm_modules`); a group left with nothing to train is
+    not in the optimizer. Every parameter of `trained` must fall in a group, so that nothing trains or
+    freezes by accident.
     """
-    unknown = set(lr_scale) - set(GROUPS)
-    if unknown:
-        raise ValueError(f"optim.lr_scale names unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
+    for option, names in (("optim.lr_scale", set(lr_scale)), ("optim.frozen", set(frozen))):
+        unknown = names - set(GROUPS)
+        if unknown:
+            raise ValueError(f"{option} names unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
     params = group_parameters(groups)
     grouped = {id(p) for ps in params.values() for p in ps}
     stray = [n for n, p in trained.named_parameters() if id(p) not in grouped]
     if stray:
         raise ValueError(f"parameters outside every group (add their module to module_groups): {stray[:5]}")
     trained.requires_grad_(False)
+    held = {id(p) for module in frozen_modules for p in module.parameters()}
     optim_groups = []
     for name, ps in params.items():
-        if name in stage.trainable and ps:
+        ps = [p for p in ps if id(p) not in held]
+        if name in stage.trainable and name not in frozen and ps:
             for p in ps:
                 p.requires_grad_(True)
             scale = stage.trainable[name] * lr_scale.get(name, 1.0)

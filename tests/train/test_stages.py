@@ -6,7 +6,14 @@ import torch
 from tests.train.synthetic import TINY_MODEL, draw
 from train.aligning import AlignerConfig, PatchAligner, layers_for
 from train.engine import TrainModule
-from train.stages import STAGES, apply_stage, group_parameters, log_parameter_counts, module_groups
+from train.stages import (
+    STAGES,
+    apply_stage,
+    group_parameters,
+    log_parameter_counts,
+    lower_llm_modules,
+    module_groups,
+)
 from train.teacher import TeacherConfig, build_teachers
 
 
@@ -79,6 +86,36 @@ def test_per_group_learning_rates(teachers):
     assert lrs == pytest.approx({"projector": 2e-5, "vision": 2e-5, "llm": 2e-5, "aligner": 2e-4})
     with pytest.raises(ValueError, match="unknown groups"):
         apply_stage(STAGES["sft"], module, groups, lr=2e-5, lr_scale={"teacher": 1.0})
+
+
+def test_frozen_groups_and_lower_llm_layers(teachers):
+    """optim.frozen and optim.frozen_llm_layers hold exactly the named parameters, by name prefix."""
+    module = build(teachers)  # 2 decoder layers
+    groups = module_groups(module.model, module.aligner)
+    optim_groups = apply_stage(
+        STAGES["sft"],
+        module,
+        groups,
+        lr=1e-3,
+        lr_scale={},
+        frozen=["vision", "projector"],
+        frozen_modules=lower_llm_modules(module.model, 1),
+    )
+    held = ("model.vision_tower.", "model.model.embed_tokens.", "model.model.layers.0.")
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in expected_trainable(module, "sft") if not n.startswith(held)}
+    assert any(n.startswith("model.model.layers.1.") for n in trainable)
+    assert {"model.lm_head.weight", "model.model.norm.weight"} <= trainable
+    assert {g["name"] for g in optim_groups} == {"llm", "aligner"}  # no empty vision/projector group
+    assert {id(p) for g in optim_groups for p in g["params"]} == {
+        id(p) for p in module.parameters() if p.requires_grad
+    }
+    assert lower_llm_modules(module.model, 0) == []
+    for n in (2, -1):  # all layers frozen is not fine-tuning the LLM; use optim.frozen: [llm]
+        with pytest.raises(ValueError, match="frozen_llm_layers"):
+            lower_llm_modules(module.model, n)
+    with pytest.raises(ValueError, match="optim.frozen names unknown groups"):
+        apply_stage(STAGES["sft"], module, groups, lr=1e-3, lr_scale={}, frozen=["teacher"])
 
 
 def test_parameter_counts_are_logged(teachers, caplog):
