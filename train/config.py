@@ -115,7 +115,8 @@ class OptimConfig:
     """Groups kept frozen although the stage table trains them (e.g. ["vision", "projector"])."""
     frozen_llm_layers: int = 0
     """Keep the LLM's input embeddings and its first N decoder layers frozen (0: none); the layers
-    above, the final norm and the LM head train as the stage says."""
+    above, the final norm and the LM head train as the stage says (with tied input and output
+    embeddings the LM head is the frozen embedding matrix)."""
     weight_decay: float = 0.0
     """AdamW weight decay (EVE: 0)."""
     betas: tuple[float, float] = (0.9, 0.999)
