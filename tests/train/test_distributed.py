@@ -163,3 +163,28 @@ def test_one_process_zero3_under_plain_python(sft_setup):
     args = zero3_args(path, out)
     launch([sys.executable], "train/sft.py", args)
     assert_same_losses(read_metrics(out), reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_with_frozen_lower_layers(sft_setup):
+    """optim.frozen + optim.frozen_llm_layers under ZeRO-3 (2 ranks) == one plain process, and the held
+    weights leave the run exactly as they came in."""
+    from safetensors.torch import load_file
+
+    tmp, path, _ = sft_setup
+    frozen = ["--optim.frozen", '["vision", "projector"]', "--optim.frozen_llm_layers", "1"]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_stage("sft", ["--config", str(path), "--train.output_dir", str(tmp / "ref_frozen"), *frozen])
+    finally:
+        torch.set_num_threads(torch_threads)
+    out = tmp / "zero3_frozen"
+    launch(torchrun(2), "train/sft.py", [*zero3_args(path, out), *frozen])
+    assert_same_losses(read_metrics(out), read_metrics(tmp / "ref_frozen"))
+    init = load_file(str(Path(yaml.safe_load(path.read_text())["model"]["init_path"]) / "model.safetensors"))
+    after = load_file(str(out / "export" / "model.safetensors"))
+    held = ("vision_tower.", "model.embed_tokens.", "model.layers.0.")
+    assert any(k.startswith(held) for k in init)
+    for key, value in init.items():
+        assert torch.equal(after[key], value) == key.startswith(held), key
