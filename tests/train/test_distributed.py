@@ -76,14 +76,18 @@ def sft_setup(tmp_path_factory):
     )
     path = tmp / "sft.yaml"
     path.write_text(yaml.safe_dump(tree))
-    # The reference: one plain process, 4 micro-batches per step.
+    return tmp, path, reference_run(path, tmp / "ref")
+
+
+def reference_run(config_path, out, *extra) -> list[dict]:
+    """The reference: one plain process (one thread), 4 micro-batches per step; its metrics."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_stage("sft", ["--config", str(path), "--train.output_dir", str(tmp / "ref")])
+        run_stage("sft", ["--config", str(config_path), "--train.output_dir", str(out), *extra])
     finally:
         torch.set_num_threads(torch_threads)
-    return tmp, path, read_metrics(tmp / "ref")
+    return read_metrics(out)
 
 
 def assert_same_losses(records, reference):
@@ -173,15 +177,10 @@ def test_two_ranks_zero3_with_frozen_lower_layers(sft_setup):
 
     tmp, path, _ = sft_setup
     frozen = ["--optim.frozen", '["vision", "projector"]', "--optim.frozen_llm_layers", "1"]
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_stage("sft", ["--config", str(path), "--train.output_dir", str(tmp / "ref_frozen"), *frozen])
-    finally:
-        torch.set_num_threads(torch_threads)
+    reference = reference_run(path, tmp / "ref_frozen", *frozen)
     out = tmp / "zero3_frozen"
     launch(torchrun(2), "train/sft.py", [*zero3_args(path, out), *frozen])
-    assert_same_losses(read_metrics(out), read_metrics(tmp / "ref_frozen"))
+    assert_same_losses(read_metrics(out), reference)
     init = load_file(str(Path(yaml.safe_load(path.read_text())["model"]["init_path"]) / "model.safetensors"))
     after = load_file(str(out / "export" / "model.safetensors"))
     held = ("vision_tower.", "model.embed_tokens.", "model.layers.0.")
