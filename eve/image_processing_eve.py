@@ -1,6 +1,6 @@
-"""EveImageProcessor: any image -> packed patches for the PEL, plus the teacher's padded view.
+"""EveImageProcessor: any image -> packed patches for the PEL.
 
-Per image (DESIGN.md section 1, the official `compute_basehw`):
+Per image (the official `compute_basehw` rule, see docs/architecture.md):
 1. load and convert to RGB (`load_image` / `to_rgb`): EXIF orientation applied; greyscale, 1-bit,
    palette, CMYK and YCbCr converted by Pillow; transparent images (RGBA, LA, PA, P or L with a
    transparency key) composited on **white** (Pillow's plain convert would leave the hidden colour
@@ -41,7 +41,7 @@ ImageInput = Image.Image | str | os.PathLike | np.ndarray
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class ImageLoadError(ValueError):
@@ -193,8 +193,8 @@ class EveImageProcessor(ImageProcessingMixin):
                 f"max_image_size ({self.max_image_size}) and resize_multiple ({self.multiple}) must be "
                 f"multiples of patch_size*conv_stride ({token_px})."
             )
-        if resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+        if resample not in RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}.")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_mean and image_std need 3 values (RGB).")
 
@@ -243,7 +243,7 @@ class EveImageProcessor(ImageProcessingMixin):
         """Resize an RGB image to (H, W) and return it as a (3, H, W) uint8 tensor (no float copy yet)."""
         height, width = size_hw
         if image.size != (width, height):
-            image = image.resize((width, height), _RESAMPLE[self.resample])
+            image = image.resize((width, height), RESAMPLE[self.resample])
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8 (a writable copy)
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput], **kwargs) -> BatchFeature:
@@ -270,36 +270,3 @@ class EveImageProcessor(ImageProcessingMixin):
         return BatchFeature({"pixel_values": pixel_values, "image_grid_hw": image_grid_hw})
 
     __call__ = preprocess
-
-    def teacher_view(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        size: int = 336,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        patch_size: int = 1,
-    ) -> BatchFeature:
-        """The teacher's view: long side `size`, short side rounded up to `patch_size`, top-left, zero elsewhere.
-
-        Returns `teacher_pixel_values` (n, 3, size, size) float32 (normalised with mean/std, default this
-        processor's) and `teacher_image_sizes` (n, 2) long = valid (h_px, w_px). The official code rounds the
-        short side up to the teacher's patch (14 for CLIP ViT-L/14-336) and centres the image; the interface
-        here places it top-left (zeros = the mean colour after normalising) so valid patches form a prefix box.
-        """
-        if size % patch_size:
-            raise ValueError(f"Teacher size {size} must be a multiple of its patch size {patch_size}.")
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        mean_t = torch.tensor(list(mean if mean is not None else self.image_mean), dtype=torch.float32)
-        std_t = torch.tensor(list(std if std is not None else self.image_std), dtype=torch.float32)
-        scale = (1.0 / (255.0 * std_t)).view(3, 1, 1)
-        shift = (mean_t / std_t).view(3, 1, 1)
-        out = torch.zeros(len(images), 3, size, size, dtype=torch.float32)
-        sizes = torch.zeros(len(images), 2, dtype=torch.long)
-        for index, image in enumerate(images):
-            rgb = as_rgb_image(image, index)
-            height, width = fit_long_side(rgb.height, rgb.width, size, patch_size)
-            pixels = self._resized_uint8(rgb, (height, width))  # (3, h_px, w_px) uint8
-            out[index, :, :height, :width] = pixels.to(torch.float32).mul_(scale).sub_(shift)
-            sizes[index, 0], sizes[index, 1] = height, width
-        return BatchFeature({"teacher_pixel_values": out, "teacher_image_sizes": sizes})

@@ -1,19 +1,22 @@
 """Patch Aligning Layer (PAL): distils the LLM's image positions against frozen teacher features.
 
-Per DESIGN.md section 1. For each teacher the PAL reads the LLM hidden states at layers
-L, L-step, ..., 0 (HF `hidden_states` indices), at image patch positions only (the model gathers
-them by hooks: `image_hidden_states`, each (N, D) with N = sum(h_i * w_i)), and:
-1. average-pools every image's student grid (h, w) to the teacher's *valid* grid (vh, vw)
-   (HD: an exact factor 2; in general adaptive pooling, see `pooling_plan`);
+The official EVE `VisionCompressor`, batched (docs/architecture.md). For each teacher the PAL reads
+the LLM hidden states at layers L, L-step, ..., 0 (HF `hidden_states` indices), at image patch
+positions only (the model gathers them by hooks: `image_hidden_states`, each (N, D) with
+N = sum(h_i * w_i)), and:
+1. average-pools every image's student grid (h, w) onto the teacher's *valid* grid (vh, vw), the
+   patch-aligned box where the centred image lies on the teacher's canvas (EVE: the same grid;
+   HD: an exact factor 2; in general adaptive pooling, see `pooling_plan`);
 2. per selected layer LayerNorm(D) + Linear(D, Ct, no bias);
 3. cross-layer attention, 8 heads, per token: query = projection of layer L, keys = values =
-   the projections of the other selected layers;
-4. prediction = Linear(D, Ct)(h_L) + Linear(Ct, Ct)(attn);
+   the projections of the other selected layers, logits scaled by Ct^-0.5 (the official scale,
+   `attn_scale="official"`; "head_dim" = SDPA's (Ct/heads)^-0.5 is sqrt(heads) times sharper);
+4. prediction = Linear(D, Ct)(h_L) + Linear(Ct, Ct)(attn), both with a bias;
 5. loss per image = 1 - mean cosine(prediction, teacher feature) over the valid teacher patches,
    averaged over the images that have a valid patch (dummy images have none).
 
 Pooling happens before the projections: the head is per token, so pooling first costs 4x less
-in HD and compares like with like (one prediction per teacher patch).
+in HD and compares like with like (one prediction per teacher patch), as the official code does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ALIGNER_WEIGHTS = "aligner.safetensors"
 ALIGNER_CONFIG = "aligner_config.json"
+ATTN_SCALES = ("official", "head_dim")
 
 
 def layers_for(num_hidden_layers: int, step: int = 4) -> list[int]:
@@ -53,6 +57,8 @@ class AlignerConfig:
     """HF hidden-state indices read by the PAL, the first one is L (the query layer)."""
     num_heads: int = 8
     """Heads of the cross-layer attention (Ct must divide by it)."""
+    attn_scale: str = "official"
+    """Logit scale of the cross-layer attention: "official" = Ct^-0.5, "head_dim" = (Ct/heads)^-0.5."""
     loss_weights: list[float] = field(default_factory=lambda: [1.0])
     """Weight of each teacher's loss in the total loss (EVE: 1.0)."""
 
@@ -66,21 +72,33 @@ class AlignerConfig:
             )
         if not self.layers:
             raise ValueError("AlignerConfig.layers is empty; use layers_for(num_hidden_layers, step)")
+        if self.attn_scale not in ATTN_SCALES:
+            raise ValueError(f"AlignerConfig.attn_scale {self.attn_scale!r}: choose one of {ATTN_SCALES}")
 
 
 class PatchAligningHead(nn.Module):
     """One teacher's PAL: per-layer LayerNorm + Linear, cross-layer attention, prediction head."""
 
-    def __init__(self, hidden_size: int, teacher_width: int, num_layers: int, num_heads: int = 8) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        teacher_width: int,
+        num_layers: int,
+        num_heads: int = 8,
+        attn_scale: str = "official",
+    ) -> None:
         super().__init__()
         if teacher_width % num_heads:
             raise ValueError(f"teacher width {teacher_width} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        # The official logits are (q . k) * Ct^-0.5 per head, not SDPA's (q . k) * head_dim^-0.5.
+        head_dim = teacher_width // num_heads
+        self.scale = (teacher_width if attn_scale == "official" else head_dim) ** -0.5
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_layers))
         self.projs = nn.ModuleList(
             nn.Linear(hidden_size, teacher_width, bias=False) for _ in range(num_layers)
         )
-        self.skip = nn.Linear(hidden_size, teacher_width, bias=False)  # Linear(D, Ct)(h_L)
+        self.skip = nn.Linear(hidden_size, teacher_width)  # Linear(D, Ct)(h_L), with a bias as EVE's
         self.out = nn.Linear(teacher_width, teacher_width)  # Linear(Ct, Ct)(attn)
         self.init_weights()
 
@@ -103,7 +121,7 @@ class PatchAligningHead(nn.Module):
             hd = ct // self.num_heads
             q = z[:, :1].view(m, 1, self.num_heads, hd).transpose(1, 2)  # (M, H, 1, hd)
             kv = z[:, 1:].view(m, n_layers - 1, self.num_heads, hd).transpose(1, 2)  # (M, H, n-1, hd)
-            attn = F.scaled_dot_product_attention(q, kv, kv)  # per token, over layers: (M, H, 1, hd)
+            attn = F.scaled_dot_product_attention(q, kv, kv, scale=self.scale)  # over layers: (M, H, 1, hd)
             attn = attn.transpose(1, 2).reshape(m, ct)
         return self.skip(hidden[0]) + self.out(attn)  # (M, Ct)
 
@@ -142,9 +160,12 @@ def _bin_members(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pooling_plan(
-    student_hw: torch.Tensor, valid_hw: torch.Tensor, teacher_hw: tuple[int, int]
+    student_hw: torch.Tensor, valid_boxes: torch.Tensor, teacher_hw: tuple[int, int]
 ) -> PoolingPlan:
-    """Plan the pooling of student grids (n, 2) onto the valid teacher grids (n, 2) of a teacher grid.
+    """Plan the pooling of student grids (n, 2) onto the valid teacher boxes (n, 4) of a teacher grid.
+
+    valid_boxes: (top, left, vh, vw) in teacher patches (`valid_boxes`); the pooled row of box cell
+    (a, b) compares with teacher patch (top + a, left + b).
 
     Adaptive average pooling (torch's bins: start = floor(i*n/m), end = ceil((i+1)*n/m)). When
     the student grid is an exact multiple of the valid grid (EVE-HD: 48 -> 24) the bins tile it
@@ -156,7 +177,7 @@ def pooling_plan(
     th, tw = teacher_hw
     src, dst, wts, img, tidx = [], [], [], [], []
     offset, row = 0, 0
-    for i, ((h, w), (vh, vw)) in enumerate(zip(student_hw.tolist(), valid_hw.tolist())):
+    for i, ((h, w), (top, left, vh, vw)) in enumerate(zip(student_hw.tolist(), valid_boxes.tolist())):
         if vh > 0 and vw > 0 and h > 0 and w > 0:
             rows, rmask = _bin_members(h, vh)  # (vh, kh)
             cols, cmask = _bin_members(w, vw)  # (vw, kw)
@@ -169,7 +190,7 @@ def pooling_plan(
             wts.append(np.broadcast_to((1.0 / size)[:, :, None, None], mask.shape)[mask])
             img.append(np.full(vh * vw, i))
             a, b = np.meshgrid(np.arange(vh), np.arange(vw), indexing="ij")
-            tidx.append((i * th * tw + a * tw + b).ravel())
+            tidx.append((i * th * tw + (top + a) * tw + (left + b)).ravel())
             row += vh * vw
         offset += h * w
 
@@ -195,9 +216,12 @@ def apply_pooling(x: torch.Tensor, plan: PoolingPlan) -> torch.Tensor:
     return out.index_add_(0, dst, x[src] * w[:, None])
 
 
-def valid_grid(valid: torch.Tensor) -> torch.Tensor:
-    """Extent (vh, vw) of each image's top-left valid region from a mask (n, th, tw) -> (n, 2)."""
-    return torch.stack([valid.any(2).sum(1), valid.any(1).sum(1)], 1)
+def valid_boxes(valid: torch.Tensor) -> torch.Tensor:
+    """(top, left, vh, vw) in patches of each image's valid box from a box-shaped mask (n, th, tw) -> (n, 4)."""
+    rows, cols = valid.any(2), valid.any(1)  # (n, th), (n, tw)
+    top = rows.int().argmax(1) * rows.any(1)  # first valid row (0 when none)
+    left = cols.int().argmax(1) * cols.any(1)
+    return torch.stack([top, left, rows.sum(1), cols.sum(1)], 1)
 
 
 def cosine_alignment_loss(
@@ -221,7 +245,7 @@ class PatchAligner(nn.Module):
         super().__init__()
         self.config = config
         self.heads = nn.ModuleList(
-            PatchAligningHead(config.hidden_size, ct, len(config.layers), config.num_heads)
+            PatchAligningHead(config.hidden_size, ct, len(config.layers), config.num_heads, config.attn_scale)
             for ct in config.teacher_widths
         )
 
@@ -255,7 +279,7 @@ class PatchAligner(nn.Module):
                     "(image_grid_hw); teacher_pixel_values must have one row per image"
                 )
             th, tw = feats.shape[1:3]
-            plan = pooling_plan(image_grid_hw.cpu(), valid_grid(valid).cpu(), (th, tw))
+            plan = pooling_plan(image_grid_hw.cpu(), valid_boxes(valid).cpu(), (th, tw))
             pooled = [apply_pooling(h, plan) for h in image_hidden_states]  # each (M, D)
             pred = head(pooled)  # (M, Ct)
             target = feats.reshape(-1, feats.shape[-1])[plan.teacher_index.to(feats.device)]
@@ -286,5 +310,16 @@ class PatchAligner(nn.Module):
                 "start the PAL fresh (omit the load) or point at the stage's export/ directory"
             )
         aligner = cls(AlignerConfig(**json.loads(cfg_path.read_text())))
-        aligner.load_state_dict(load_file(str(directory / ALIGNER_WEIGHTS)), strict=True)
+        state = load_file(str(directory / ALIGNER_WEIGHTS))
+        missing, unexpected = (
+            sorted(set(aligner.state_dict()) - set(state)),
+            sorted(set(state) - set(aligner.state_dict())),
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory / ALIGNER_WEIGHTS} does not fit this aligning layer (missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}): it was saved by an older version; delete it and its "
+                f"{ALIGNER_CONFIG} to start the aligning layer fresh"
+            )
+        aligner.load_state_dict(state, strict=True)
         return aligner

@@ -101,6 +101,9 @@ class AligningConfig:
     """Read LLM hidden states every `layer_step` layers: L, L-step, ..., 0."""
     num_heads: int = 8
     """Heads of the cross-layer attention."""
+    attn_scale: Literal["official", "head_dim"] = "official"
+    """Logit scale of the cross-layer attention: "official" = Ct^-0.5 (teacher width, as EVE's
+    aligning layer), "head_dim" = (Ct / num_heads)^-0.5 (SDPA's default, sharper by sqrt(num_heads))."""
 
 
 @dataclass

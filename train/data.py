@@ -162,9 +162,9 @@ class SampleEncoder:
             return enc
         if image is not None:
             for i, view in enumerate(self.teacher_views):
-                tv = self.processor.image_processor.teacher_view([image], view.size, view.mean, view.std)
-                pix, sizes = teacher_keys(i)
-                enc[pix], enc[sizes] = tv["teacher_pixel_values"], tv["teacher_image_sizes"]
+                tv = view.render([image], self.processor.image_processor.resample)
+                pix, boxes = teacher_keys(i)
+                enc[pix], enc[boxes] = tv["teacher_pixel_values"], tv["teacher_image_boxes"]
         return enc
 
 

@@ -93,12 +93,12 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def count_aligned_images(batch: dict[str, torch.Tensor], teachers: TeacherSet) -> list[int]:
-    """Per teacher: images with a valid teacher area (dummy images, size (0, 0), have none)."""
+    """Per teacher: images with a valid teacher area (dummy images, box all 0, have none)."""
     counts = []
     for view in teachers.view_of:
-        _, size_key = teacher_keys(view)
-        sizes = batch.get(size_key)
-        counts.append(0 if sizes is None else int(((sizes[:, 0] > 0) & (sizes[:, 1] > 0)).sum()))
+        _, box_key = teacher_keys(view)
+        boxes = batch.get(box_key)
+        counts.append(0 if boxes is None else int(((boxes[:, 2] > 0) & (boxes[:, 3] > 0)).sum()))
     return counts
 
 
@@ -247,6 +247,7 @@ def build_aligner(
         teacher_widths=teachers.widths,
         layers=layers_for(model.config.num_hidden_layers, config.aligning.layer_step),
         num_heads=config.aligning.num_heads,
+        attn_scale=config.aligning.attn_scale,
         loss_weights=teachers.loss_weights,
     )
     if init_path is not None and (Path(init_path) / ALIGNER_CONFIG).is_file():

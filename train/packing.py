@@ -3,7 +3,7 @@
 A sample is a dict from `EveProcessor.encode` (+ the dataset's teacher views):
     input_ids, labels: list[int] or 1-D tensors (image runs already expanded),
     pixel_values (P, 3*p*p), image_grid_hw (1, 2)            (image samples only),
-    teacher_pixel_values (1, 3, S, S), teacher_image_sizes (1, 2) (+ "_1", ... for more views).
+    teacher_pixel_values (1, 3, S, S), teacher_image_boxes (1, 4) (+ "_1", ... for more views).
 
 Packed rows (default): samples are concatenated in a row, `position_ids` restart at 0 at every
 sample start (the pad tail restarts too) and `attention_mask` is omitted. transformers 5.23 turns
@@ -20,7 +20,7 @@ pixel_values are concatenated, image_grid_hw and the teacher tensors stacked in 
 
 ZeRO-3: every rank must run the same parameter gathers, so a batch without any image gets a dummy
 image (`DummyImage`): a 1x1-token image (3 positions, labels -100) in its own packed segment (or
-its own padded row), zero pixels, teacher size (0, 0). It adds no CE term and no aligning term (no
+its own padded row), zero pixels, teacher box all 0. It adds no CE term and no aligning term (no
 valid teacher patch) yet runs the PEL, the aligning heads and the teacher like any image.
 """
 
@@ -64,9 +64,9 @@ class DummyImage:
             "image_grid_hw": torch.tensor([[1, 1]]),
         }
         for i, size in enumerate(self.teacher_sizes):
-            pix, sizes = teacher_keys(i)
+            pix, boxes = teacher_keys(i)
             s[pix] = torch.zeros(1, 3, size, size)
-            s[sizes] = torch.zeros(1, 2, dtype=torch.long)  # no valid area: no aligning loss
+            s[boxes] = torch.zeros(1, 4, dtype=torch.long)  # no valid area: no aligning loss
         return s
 
     @classmethod
@@ -218,13 +218,13 @@ class Collator:
                     pixels.append(s["pixel_values"])
                     grids.append(torch.as_tensor(s["image_grid_hw"]).reshape(-1, 2))
                     for v in range(self.num_teacher_views):
-                        pix, size = teacher_keys(v)
+                        pix, box = teacher_keys(v)
                         if pix not in s:
                             raise KeyError(
                                 f"sample with an image has no '{pix}'; the dataset must add teacher views"
                             )
                         teacher[v][0].append(s[pix])
-                        teacher[v][1].append(torch.as_tensor(s[size]).reshape(-1, 2))
+                        teacher[v][1].append(torch.as_tensor(s[box]).reshape(-1, 4))
                 t += n
             position_ids[r, t:] = torch.arange(width - t)  # the pad tail is its own segment
         batch = {"input_ids": input_ids, "labels": labels}
@@ -235,8 +235,8 @@ class Collator:
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
             batch["image_grid_hw"] = torch.cat(grids).long()
-            for v, (pix_list, size_list) in enumerate(teacher):
-                pix, size = teacher_keys(v)
+            for v, (pix_list, box_list) in enumerate(teacher):
+                pix, box = teacher_keys(v)
                 batch[pix] = torch.cat(pix_list)
-                batch[size] = torch.cat(size_list).long()
+                batch[box] = torch.cat(box_list).long()
         return batch

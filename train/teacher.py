@@ -1,12 +1,14 @@
-"""Frozen image teachers for the Patch Aligning Layer, behind one interface.
+"""Frozen image teachers for the Patch Aligning Layer, their view of an image, behind one interface.
 
-    teacher(teacher_pixel_values (n, 3, S, S), teacher_image_sizes (n, 2))
+    teacher(teacher_pixel_values (n, 3, S, S), teacher_image_boxes (n, 4))
         -> features (n, th, tw, Ct), valid (n, th, tw)
 
-The teacher's view is the image resized to long side S, placed top-left on an S x S canvas, zero
-elsewhere after normalising (`EveImageProcessor.teacher_view`). A feature patch is valid when it
-overlaps the image's valid area: rows < ceil(h_px / stride), cols < ceil(w_px / stride); a dummy
-image (size (0, 0)) has no valid patch.
+The teacher's view (`TeacherView.render`) is the official EVE one: the image resized so that its
+long side is S and its short side is rounded *up* to whole teacher patches, centred on the S x S
+canvas at a patch-aligned offset, the rest filled with the mean colour. `teacher_image_boxes` holds
+the valid (top, left, height, width) in pixels; a feature patch is valid when it lies in that box
+(the box is patch-aligned, so a patch is either fully in or fully out); a dummy image (box all 0)
+has no valid patch.
 
 Backends (weights always from a local path, never a hub download):
 - "open_clip": an open_clip architecture name (EVA02-L-14-336, ViT-L-14-336, ...) and a local
@@ -27,15 +29,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from eve.image_processing_eve import CLIP_MEAN, CLIP_STD, RESAMPLE, ImageInput, as_rgb_image, fit_long_side
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -104,18 +107,23 @@ class Teacher(nn.Module):
         """Backend features (n, th, tw, Ct) of normalised pixels (n, 3, S, S)."""
         raise NotImplementedError
 
-    def valid_mask(self, sizes: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """(n, th, tw) True on patches that overlap the valid (h_px, w_px) area of each image."""
+    def valid_mask(self, boxes: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """(n, th, tw) True on the patches that overlap each image's valid (top, left, h, w) px box."""
         th, tw = grid_hw
-        vh = torch.div(sizes[:, 0] + self.stride - 1, self.stride, rounding_mode="floor")  # ceil
-        vw = torch.div(sizes[:, 1] + self.stride - 1, self.stride, rounding_mode="floor")
-        rows = torch.arange(th, device=sizes.device)[None, :, None] < vh[:, None, None]
-        cols = torch.arange(tw, device=sizes.device)[None, None, :] < vw[:, None, None]
-        return rows & cols
+        top, left, height, width = boxes.unbind(1)  # each (n,)
+        first_row = torch.div(top, self.stride, rounding_mode="floor")
+        end_row = torch.div(top + height + self.stride - 1, self.stride, rounding_mode="floor")  # ceil
+        first_col = torch.div(left, self.stride, rounding_mode="floor")
+        end_col = torch.div(left + width + self.stride - 1, self.stride, rounding_mode="floor")
+        r = torch.arange(th, device=boxes.device)[None, :, None]
+        c = torch.arange(tw, device=boxes.device)[None, None, :]
+        rows = (r >= first_row[:, None, None]) & (r < end_row[:, None, None])
+        cols = (c >= first_col[:, None, None]) & (c < end_col[:, None, None])
+        return rows & cols & (height > 0)[:, None, None] & (width > 0)[:, None, None]
 
     @torch.no_grad()
     def forward(
-        self, teacher_pixel_values: torch.Tensor, teacher_image_sizes: torch.Tensor
+        self, teacher_pixel_values: torch.Tensor, teacher_image_boxes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (n, th, tw, Ct) in fp32 and the valid mask (n, th, tw)."""
         x = teacher_pixel_values
@@ -128,7 +136,7 @@ class Teacher(nn.Module):
             return x.new_zeros(0, g, g, self.width).float(), torch.zeros(0, g, g, dtype=torch.bool)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             feats = self.extract(x)
-        valid = self.valid_mask(teacher_image_sizes.to(feats.device), tuple(feats.shape[1:3]))
+        valid = self.valid_mask(teacher_image_boxes.to(feats.device), tuple(feats.shape[1:3]))
         return feats.float(), valid
 
 
@@ -298,20 +306,62 @@ def build_teacher(config: TeacherConfig) -> Teacher:
 
 @dataclass(frozen=True)
 class TeacherView:
-    """How one teacher wants to see an image: side S and normalisation (shared views are deduplicated)."""
+    """How one teacher sees an image (views shared by several teachers are rendered once)."""
 
     size: int
-    """S in pixels."""
+    """S, the side of the square canvas in pixels (EVE: 336)."""
+    patch: int
+    """Teacher patch (feature stride) in pixels: the short side is rounded up to it (CLIP-L/14: 14)."""
     mean: tuple[float, float, float]
-    """Normalisation mean."""
+    """Normalisation mean; the canvas is filled with this colour (as uint8) before normalising."""
     std: tuple[float, float, float]
     """Normalisation std."""
 
+    def __post_init__(self) -> None:
+        if self.size % self.patch:
+            raise ValueError(
+                f"teacher view: image_size {self.size} is not a multiple of the teacher's patch "
+                f"{self.patch} px; set the teacher's image_size to a multiple of it"
+            )
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Valid (top, left, h, w) px of an image of height x width px on the canvas (official rule).
+
+        The long side becomes S, the short side is rounded up to whole patches, and the image is
+        centred at an offset of (n_max - n_valid) // 2 whole patches (n_max = S / patch).
+        """
+        h, w = fit_long_side(height, width, self.size, self.patch)
+        n_max = self.size // self.patch
+        top = (n_max - h // self.patch) // 2 * self.patch
+        left = (n_max - w // self.patch) // 2 * self.patch
+        return top, left, h, w
+
+    def render(
+        self, images: ImageInput | list[ImageInput], resample: str = "bicubic"
+    ) -> dict[str, torch.Tensor]:
+        """{"teacher_pixel_values": (n, 3, S, S) float32 normalised, "teacher_image_boxes": (n, 4) long}."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        fill = torch.tensor([int(m * 255) for m in self.mean], dtype=torch.uint8).view(3, 1, 1)
+        canvas = fill.expand(len(images), 3, self.size, self.size).clone()  # (n, 3, S, S) uint8
+        boxes = torch.zeros(len(images), 4, dtype=torch.long)
+        for i, image in enumerate(images):
+            rgb = as_rgb_image(image, i)
+            top, left, h, w = self.box(rgb.height, rgb.width)
+            if rgb.size != (w, h):
+                rgb = rgb.resize((w, h), RESAMPLE[resample])
+            canvas[i, :, top : top + h, left : left + w] = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+            boxes[i] = torch.tensor([top, left, h, w])
+        pixels = (canvas.float() / 255.0 - mean) / std
+        return {"teacher_pixel_values": pixels, "teacher_image_boxes": boxes}
+
 
 def teacher_keys(view_index: int) -> tuple[str, str]:
-    """Batch keys of the n-th distinct teacher view: "teacher_pixel_values" / "teacher_image_sizes" (+ "_n")."""
+    """Batch keys of the n-th distinct teacher view: "teacher_pixel_values" / "teacher_image_boxes" (+ "_n")."""
     suffix = "" if view_index == 0 else f"_{view_index}"
-    return f"teacher_pixel_values{suffix}", f"teacher_image_sizes{suffix}"
+    return f"teacher_pixel_values{suffix}", f"teacher_image_boxes{suffix}"
 
 
 class TeacherSet(nn.Module):
@@ -323,7 +373,7 @@ class TeacherSet(nn.Module):
         self.views: list[TeacherView] = []
         self.view_of: list[int] = []
         for t in teachers:
-            view = TeacherView(t.image_size, tuple(t.mean), tuple(t.std))
+            view = TeacherView(t.image_size, t.stride, tuple(t.mean), tuple(t.std))
             if view not in self.views:
                 self.views.append(view)
             self.view_of.append(self.views.index(view))
@@ -347,13 +397,13 @@ class TeacherSet(nn.Module):
         """Per teacher (features (n, th, tw, Ct), valid (n, th, tw)) from the batch's teacher tensors."""
         outs = []
         for t, v in zip(self.teachers, self.view_of):
-            pix_key, size_key = teacher_keys(v)
+            pix_key, box_key = teacher_keys(v)
             if pix_key not in batch:
                 raise KeyError(
                     f"batch has no '{pix_key}': build the dataset with teacher_views=teachers.views "
                     "so that it produces the teacher's view of every image"
                 )
-            outs.append(t(batch[pix_key], batch[size_key]))
+            outs.append(t(batch[pix_key], batch[box_key]))
         return outs
 
 

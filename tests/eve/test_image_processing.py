@@ -188,23 +188,6 @@ def test_unreadable_files_name_the_file(tmp_path):
         tiny()(np.zeros((0, 4, 3), dtype=np.uint8))
 
 
-def test_teacher_view_pixels_and_valid_size():
-    """20 wide x 10 high red image, teacher side 8: resized to 8 x 4, top-left, zero elsewhere."""
-    red = Image.new("RGB", (20, 10), (255, 0, 0))
-    tall = Image.new("RGB", (7, 20), (0, 0, 255))
-    out = tiny().teacher_view([red, tall], size=8, patch_size=4)
-    pix, sizes = out["teacher_pixel_values"], out["teacher_image_sizes"]
-    assert pix.shape == (2, 3, 8, 8)
-    # tall: 7/20*8 = 2.8 px wide -> rounded up to one 4-px teacher patch.
-    assert sizes.tolist() == [[4, 8], [8, 4]]
-    want_red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    torch.testing.assert_close(pix[0, :, :4, :], want_red.view(3, 1, 1).expand(3, 4, 8), atol=ATOL, rtol=0)
-    assert pix[0, :, 4:, :].abs().max() == 0 and pix[1, :, :, 4:].abs().max() == 0
-    mean, std = [0.5] * 3, [0.5] * 3
-    own = tiny().teacher_view(red, size=8, mean=mean, std=std)["teacher_pixel_values"]
-    torch.testing.assert_close(own[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]), atol=ATOL, rtol=0)
-
-
 def test_save_and_load_round_trip(tmp_path):
     from eve import EveConfig
 

@@ -186,15 +186,14 @@ def test_webdataset_shards_with_truncation_and_teacher_views(tmp_path, processor
     opts = DataOptions(
         shards=[str(tmp_path / "*.tar")], template="plain", max_length=64, batch_size=2, window=4
     )
-    view = TeacherView(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    view = TeacherView(16, 4, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     loader = build_dataloader(opts, processor, teacher_views=[view])
     n = 0
     for batch in loader:
         n += loader.last_batch_samples
         k = batch["image_grid_hw"].shape[0]
-        assert batch["teacher_pixel_values"].shape == (k, 3, 16, 16) and batch[
-            "teacher_image_sizes"
-        ].shape == (k, 2)
+        assert batch["teacher_pixel_values"].shape == (k, 3, 16, 16)
+        assert batch["teacher_image_boxes"].shape == (k, 4)
         assert (batch["input_ids"] == -200).sum() == sum(
             1 + h * (w + 1) for h, w in batch["image_grid_hw"].tolist()
         )

@@ -172,10 +172,7 @@ def _samples_and_module(tiny_teachers):
             continue
         conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": caption}]
         enc = processor.encode(conv, image)
-        tv = processor.image_processor.teacher_view([image], view.size, view.mean, view.std)
-        enc.update(
-            teacher_pixel_values=tv["teacher_pixel_values"], teacher_image_sizes=tv["teacher_image_sizes"]
-        )
+        enc.update(view.render([image]))
         samples.append(enc)
     return TrainModule(model, aligner), processor, samples
 

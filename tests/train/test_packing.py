@@ -44,7 +44,7 @@ def _fake(n, img=None, first_label=IGNORE_INDEX):
         s["pixel_values"] = torch.full((h * w * 4, 12), float(n))
         s["image_grid_hw"] = torch.tensor([[h, w]])
         s["teacher_pixel_values"] = torch.full((1, 3, 8, 8), float(n))
-        s["teacher_image_sizes"] = torch.tensor([[8, n]])
+        s["teacher_image_boxes"] = torch.tensor([[0, 0, 8, n]])
     return s
 
 
@@ -63,10 +63,8 @@ def test_packed_layout_labels_positions_images():
     # images in token-run order: row 0 (sample a) then row 1 (sample c)
     assert batch["image_grid_hw"].tolist() == [[1, 2], [2, 2]]
     assert batch["pixel_values"][:8].eq(10).all() and batch["pixel_values"][8:].eq(12).all()
-    assert batch["teacher_pixel_values"].shape == (2, 3, 8, 8) and batch["teacher_image_sizes"].tolist() == [
-        [8, 10],
-        [8, 12],
-    ]
+    assert batch["teacher_pixel_values"].shape == (2, 3, 8, 8)
+    assert batch["teacher_image_boxes"].tolist() == [[0, 0, 8, 10], [0, 0, 8, 12]]
 
 
 def test_padded_layout():
@@ -90,7 +88,7 @@ def test_dummy_image_for_text_only_batch():
         col = Collator(packing=packing, dummy_image=dummy, num_teacher_views=1, pad_to_multiple_of=1)
         batch = col([[_fake(5)], [_fake(6)]])
         assert batch["image_grid_hw"].tolist() == [[1, 1]] and batch["pixel_values"].shape == (4, 12)
-        assert batch["teacher_image_sizes"].tolist() == [[0, 0]]
+        assert batch["teacher_image_boxes"].tolist() == [[0, 0, 0, 0]]
         assert (batch["input_ids"] == -200).sum().item() == 3
         assert batch["labels"][batch["input_ids"] == -200].eq(IGNORE_INDEX).all()
     # batches that already hold an image are unchanged

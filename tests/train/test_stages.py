@@ -146,10 +146,7 @@ def test_no_gradient_reaches_the_teacher(teachers, stage):
             [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}], image
         )
         view = teachers.views[0]
-        tv = processor.image_processor.teacher_view([image], view.size, view.mean, view.std)
-        enc.update(
-            teacher_pixel_values=tv["teacher_pixel_values"], teacher_image_sizes=tv["teacher_image_sizes"]
-        )
+        enc.update(view.render([image]))
         samples.append(enc)
     batch = Collator(pad_token_id=processor.pad_token_id, num_teacher_views=1)([samples])
     batch["teacher_pixel_values"].requires_grad_(True)  # even a differentiable input must not leak
