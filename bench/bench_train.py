@@ -28,13 +28,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from train.build import build_aligner, build_train_loader  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.distributed_utils import DistInfo  # noqa: E402
-from train.engine import TrainModule, build_aligner, build_train_loader, count_tokens, endless, train_step  # noqa: E402
+from train.distributed import DistInfo  # noqa: E402
+from train.engine import Trainer, TrainModule, count_tokens, endless  # noqa: E402
 from train.stages import STAGES, apply_stage, module_groups  # noqa: E402
 from train.teacher import build_teachers  # noqa: E402
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     model = EveForCausalLM(EveConfig.from_preset("tiny"))
     processor = EveProcessor.from_config(load_default_tokenizer(), model.config, "plain")
     teachers = build_teachers(config.teachers)
-    aligner = build_aligner(config, model, teachers, None, rank=0)
+    aligner = build_aligner(config, model, teachers)
     module = TrainModule(model, aligner).train()
     param_groups = apply_stage(stage, module, module_groups(model, aligner), 1e-4, {})
     optimizer = torch.optim.AdamW(param_groups, lr=1e-4, weight_decay=0.0)
@@ -121,36 +123,23 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        from torch.utils.flop_counter import FlopCounterMode
+        trainer = Trainer(
+            module,
+            optimizer,
+            teachers,
+            dist_info,
+            grad_clip=1.0,
+            pad_token_id=processor.pad_token_id,
+            bf16=bf16,
+        )
 
         counter = FlopCounterMode(display=False)
         with counter:  # one step, counted (also a warm-up)
-            train_step(
-                module,
-                None,
-                optimizer,
-                micro[:1],
-                teachers,
-                dist_info,
-                config,
-                processor.pad_token_id,
-                autocast,
-            )
+            trainer.train_step(micro[:1])
         flops_per_token = counter.get_total_flops() / count_tokens(micro[0], processor.pad_token_id)
         tokens, t0 = 0, time.perf_counter()
         for batch in micro[1:]:
-            train_step(
-                module,
-                None,
-                optimizer,
-                [batch],
-                teachers,
-                dist_info,
-                config,
-                processor.pad_token_id,
-                autocast,
-            )
+            trainer.train_step([batch])
             tokens += count_tokens(batch, processor.pad_token_id)
         dt = time.perf_counter() - t0
         tok_s = tokens / dt

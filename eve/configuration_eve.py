@@ -10,8 +10,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig
 
 # OpenAI CLIP normalisation: the statistics of the official EVE image processor.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompts, image tokens, padding), as in PyTorch's cross-entropy."""
 
 # Vicuna-7B v1.5 (Llama-2 architecture) as the LLM of EVE-7B.
 _VICUNA_7B = dict(
@@ -35,7 +38,7 @@ _EVE_VISION = dict(
     vision_num_heads=8,
 )
 
-# Presets are data: name -> EveConfig keyword arguments (see DESIGN.md section 1 for the numbers).
+# Presets are data: name -> EveConfig keyword arguments (docs/architecture.md gives the numbers).
 PRESETS: dict[str, dict[str, Any]] = {
     # EVE-7B: long side 672 px -> 24 tokens; a square image is 1 + 24 * 25 = 601 LLM tokens.
     "eve-7b": {**_VICUNA_7B, **_EVE_VISION, "max_image_size": 672},

@@ -28,13 +28,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
 
+from eve.configuration_eve import CLIP_MEAN, CLIP_STD
 from eve.patch_embedding import patchify
 
 logger = logging.getLogger(__name__)
 
-# OpenAI CLIP statistics (the official EVE image processor's); EveConfig carries the same defaults.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# File suffixes (lower case) read as images everywhere: folder scans, webdataset members, benchmarks.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 

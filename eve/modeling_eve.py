@@ -23,12 +23,22 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from eve.attention import SDPA_PACKED  # noqa: F401  importing registers the "sdpa_packed" backend
-from eve.configuration_eve import EveConfig
+from eve.configuration_eve import IGNORE_INDEX, EveConfig
 from eve.patch_embedding import EvePatchEmbedding, ImageLayout
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+
+def supervised_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T-1) bool: token t is trained to predict label t+1 (!= -100); the loss's one definition.
+
+    position_ids: given for packed rows only (no attention mask); a sample's last token must then not
+    predict the next sample's first one (where position_ids restart at 0).
+    """
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    if position_ids is not None:
+        supervised &= position_ids.expand_as(labels)[:, 1:] != 0
+    return supervised
 
 
 @dataclass
@@ -273,10 +283,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean CE over shifted labels != -100, with the LM head only at those rows; and their count."""
         targets = labels[:, 1:]  # (B, T-1): token t predicts label t+1
-        supervised = targets != IGNORE_INDEX
-        if position_ids is not None:
-            # In a packed row the last token of a sample must not predict the next sample's first one.
-            supervised &= position_ids.expand_as(labels)[:, 1:] != 0
+        supervised = supervised_targets(labels, position_ids)
         rows = hidden[:, :-1][supervised]  # (n, D)
         n_loss_tokens = supervised.sum()
         logits = self.lm_head(rows).float()  # (n, V); fp32 for a stable log-softmax

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from transformers.image_processing_base import BatchFeature
 
+from eve.configuration_eve import IGNORE_INDEX
 from eve.image_processing_eve import EveImageProcessor, ImageInput, ImageLoadError
 from eve.templates import IMAGE_PLACEHOLDER, ChatTemplate, conversation_to_pieces, get_template
 from eve.templates import build_prompt as _build_prompt
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 

@@ -15,6 +15,7 @@ runs need `output_dir` on a shared filesystem.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.distributed_utils import DistInfo, barrier, broadcast_object
-from train.train_logging import get_logger
+from train.distributed import DistInfo, barrier, broadcast_object
 
+logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 
 
@@ -121,7 +122,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        get_logger(__name__, dist_info.rank).info("saved checkpoint %s", final)
+        logger.info("saved checkpoint %s", final)
     barrier()
     return final
 
@@ -160,5 +161,5 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank_state = torch.load(path / f"rank-{dist_info.rank:05d}.pt", weights_only=True)
     set_rng_state(rank_state.pop("rng"))
-    get_logger(__name__, dist_info.rank).info("resumed from %s (step %d)", path, meta["step"])
+    logger.info("resumed from %s (step %d)", path, meta["step"])
     return meta["step"], rank_state

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = -100
+from eve.configuration_eve import IGNORE_INDEX
 
 
 @dataclass

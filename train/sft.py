@@ -2,6 +2,7 @@
 
 make sft                      # the tiny CPU default (configs/tiny/sft.yaml)
 python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --resume
+python -m train.sft --config configs/tiny/sft.yaml   # the same, as a module
 torchrun --nproc-per-node 2 train/sft.py --config ... --train.deepspeed configs/deepspeed/zero3.json
 deepspeed --num_gpus 8 train/sft.py --config configs/eve7b/sft.yaml
 """
@@ -9,11 +10,12 @@ deepspeed --num_gpus 8 train/sft.py --config configs/eve7b/sft.yaml
 import sys
 from pathlib import Path
 
-# `python train/sft.py` puts train/ first on sys.path: put the repo root there instead.
+# Run by path (`deepspeed train/X.py`), Python puts train/ first on sys.path; the repository root
+# takes its place, so that `train` imports as the package even without `pip install -e .`.
 if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from train.engine import run_stage  # noqa: E402
+from train.cli import run_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None):

@@ -1,4 +1,4 @@
-"""The three EVE stages as data (DESIGN.md section 2), and freezing / grouping through module handles.
+"""The three EVE stages as data (docs/stages.md), and freezing / grouping through module handles.
 
 A stage names which module groups train and each group's learning-rate multiplier; the groups are
 resolved from the model's own submodules (`module_groups`), never from parameter-name substrings.
@@ -7,13 +7,15 @@ The teacher is never a group: it lives outside the trained module and is always 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from torch import nn
 
-from train.train_logging import get_logger
+logger = logging.getLogger(__name__)
+
 
 GROUPS = ("llm", "vision", "projector", "aligner")
 """Every trained parameter belongs to exactly one of these groups."""
@@ -164,11 +166,8 @@ def apply_stage(
     return optim_groups
 
 
-def log_parameter_counts(
-    stage: Stage, groups: dict[str, list[nn.Module]], rank: int = 0
-) -> dict[str, tuple[int, int]]:
+def log_parameter_counts(stage: Stage, groups: dict[str, list[nn.Module]]) -> dict[str, tuple[int, int]]:
     """Log (and return) group -> (trainable, total) parameter counts."""
-    logger = get_logger(__name__, rank)
     counts = {}
     for name, ps in group_parameters(groups).items():
         counts[name] = (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps))

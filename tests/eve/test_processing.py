@@ -5,17 +5,11 @@ import torch
 from PIL import Image
 
 from eve.assets import skimage_photo
-from eve.image_processing_eve import EveImageProcessor
-from eve.processing_eve import IGNORE_INDEX, EveProcessor
+from eve.configuration_eve import IGNORE_INDEX
+from eve.processing_eve import EveProcessor
 from eve.templates import VICUNA_SYSTEM, conversation_to_pieces
 
 IMG = -200
-
-
-@pytest.fixture(scope="module")
-def processor(tokenizer):
-    """Tiny image settings (p=4, s=2, long side 32) over the real tokenizer."""
-    return EveProcessor(tokenizer, EveImageProcessor(patch_size=4, conv_stride=2, max_image_size=32))
 
 
 def red(width=32, height=32):

@@ -22,8 +22,8 @@ import yaml
 
 from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards
 from train.checkpointing import list_checkpoints
-from train.engine import run_stage
-from train.train_logging import read_metrics
+from train.cli import run_stage
+from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 LOGGED = ("loss", "ce_loss", "align_loss")

@@ -8,15 +8,10 @@ import yaml
 
 from tests.train.synthetic import TINY_MODEL, draw, tiny_run_config, write_llava_json, write_shards
 from train.aligning import PatchAligner
-from train.config import load_config
-from train.engine import (
-    TrainModule,
-    count_loss_tokens,
-    lr_lambda,
-    run_stage,
-    train_step,
-)
-from train.train_logging import read_metrics
+from train.build import lr_lambda
+from train.cli import run_stage
+from train.engine import Trainer, TrainModule, count_loss_tokens
+from train.metrics import read_metrics
 
 
 def write_yaml(path, tree):
@@ -180,12 +175,11 @@ def _samples_and_module(tiny_teachers):
 @pytest.mark.parametrize("packing", [True, False])
 def test_split_into_micro_batches_gives_the_same_step(packing):
     """1 micro-batch of 4 == 4 micro-batches of 1 (different token counts each): same update, same loss."""
-    from train.distributed_utils import DistInfo
+    from train.distributed import DistInfo
     from train.packing import Collator, DummyImage
     from train.teacher import TeacherConfig, build_teachers
 
     teachers = build_teachers([TeacherConfig(backend="timm", name="efficientnet_lite0", image_size=64)])
-    config = load_config(None, [("optim.grad_clip", 0.0), ("teachers", [{"image_size": 64}])])
     dist_info = DistInfo(0, 1, 0, torch.device("cpu"))
     results = []
     for split in ([[0, 1, 2, 3]], [[0], [1], [2], [3]]):
@@ -208,17 +202,7 @@ def test_split_into_micro_batches_gives_the_same_step(packing):
             grads.update({names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"]})
 
         optimizer.register_step_pre_hook(capture)
-        stats = train_step(
-            module,
-            None,
-            optimizer,
-            micro,
-            teachers,
-            dist_info,
-            config,
-            0,
-            torch.autocast("cpu", enabled=False),
-        )
+        stats = Trainer(module, optimizer, teachers, dist_info, grad_clip=0.0).train_step(micro)
         results.append((stats, grads, micro))
     (a, ga, micro_a), (b, gb, micro_b) = results
     assert sum(count_loss_tokens(m) for m in micro_b) == count_loss_tokens(micro_a[0])

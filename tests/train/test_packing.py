@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.packing import IGNORE_INDEX, Collator, DummyImage, pack_rows, plan_batches
+from eve.configuration_eve import IGNORE_INDEX
+from train.packing import Collator, DummyImage, pack_rows, plan_batches
 
 
 def test_pack_rows_capacity_and_cover():

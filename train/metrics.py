@@ -1,39 +1,13 @@
-"""Rank-0 logging: a `logging` logger that is quiet on other ranks, metrics.jsonl, optional TensorBoard.
-
-(Named train_logging so that `python train/sft.py`, which puts train/ first on sys.path, does not
-shadow the standard library's `logging`.)
-"""
+"""Training metrics: metrics.jsonl (one JSON object per logged step, rank 0) and optional TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def get_logger(name: str, rank: int) -> logging.Logger:
-    """`name`'s logger: INFO on rank 0, WARNING elsewhere (so every rank still reports problems)."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    return logger
-
-
-class _ConsoleHandler(logging.StreamHandler):
-    """The entry scripts' stderr handler (a type of its own, so that it is added once)."""
-
-
-def setup_console_logging(rank: int = 0) -> None:
-    """For entry scripts: one stderr handler with timestamps (rank 0 INFO, others WARNING)."""
-    root = logging.getLogger()
-    if not any(isinstance(h, _ConsoleHandler) for h in root.handlers):
-        handler = _ConsoleHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT if rank == 0 else f"[rank {rank}] {LOG_FORMAT}"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -62,7 +36,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                get_logger(__name__, 0).warning("tensorboard is not installed: logging to metrics.jsonl only")
+                logger.warning("tensorboard is not installed: logging to metrics.jsonl only")
             else:
                 self.tb = SummaryWriter(str(Path(output_dir) / "tb"))
 
