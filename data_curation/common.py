@@ -17,8 +17,6 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger("data_curation")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 
 def setup_logging() -> None:
     """Log INFO on rank 0 and WARNING on other ranks, with the rank in every line."""

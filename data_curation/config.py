@@ -1,16 +1,18 @@
-"""Typed run configuration of the curation pipeline, loaded from YAML with dotted CLI overrides."""
+"""Typed run configuration of the curation pipeline, loaded from YAML with dotted command-line
+overrides by `eve.config_loader`.
+
+    python -m data_curation.run --config configs/curation/embedded.yaml --cluster.k=40 --steps scan,filter
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from eve.overrides import set_dotted
+from eve import config_loader
 
 
 @dataclass
@@ -142,6 +144,20 @@ class ShardConfig:
 
 
 @dataclass
+class EmbeddedConfig:
+    """The embedded default sources (`data_curation.embedded`): easy-vqa + scikit-image photos."""
+
+    enabled: bool = False
+    """Write the embedded default sources (`sources.jsonl`, `sft_easy_vqa.json`) into `dir` before the
+    scan (rank 0); the config's `sources` then name `dir/sources.jsonl`."""
+    dir: str = "runs/demo/data"
+    """Where the embedded default sources are written."""
+    sft_turns: int = 3
+    """Questions of one easy-vqa image per SFT conversation (0: all of them). The evaluation asks one
+    question at a time; fewer turns leave fewer earlier answers to copy from."""
+
+
+@dataclass
 class CurationConfig:
     """A full curation run: sources -> filter -> embed -> cluster -> select -> captions -> shards."""
 
@@ -149,21 +165,8 @@ class CurationConfig:
     """Output folder: one sub-folder per step, `shards/` (tars + manifest.jsonl) and `report/`."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Input sources, scanned in this order (the order decides which duplicate is kept)."""
-    embedded: bool = False
-    """Build the embedded default sources (`data_curation.embedded`) into `embedded_dir` first."""
-    embedded_dir: str = "runs/demo/data"
-    """Where `embedded: true` writes the embedded default sources."""
-    embedded_sft_turns: int = 0
-    """Questions of one image per SFT conversation in the embedded default (0: all of them)."""
-    embedded_sft_instruction: bool = True
-    """Append the short-answer instruction of the evaluation prompt to each embedded SFT question."""
-    embedded_caption_checks: str = "none"
-    """Attribute checks before each embedded easy-vqa caption: "none", "tags", "questions" or "positive"."""
-    embedded_caption_questions: str = "none"
-    """Whole yes/no questions + answers after the checks of each embedded easy-vqa caption: "none",
-    "positive" (no negated phrasings) or "all"."""
-    embedded_sft_synthetic: int = 0
-    """Extra balanced yes/no question pairs (one colour, one shape) per image in the embedded SFT set."""
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    """The embedded default sources (easy-vqa + scikit-image photos), built before the scan when enabled."""
     seed: int = 0
     """Seed of everything random (clustering, shuffling)."""
     barrier_timeout_s: float = 86400.0
@@ -189,129 +192,28 @@ class CurationConfig:
         return Path(self.out_dir)
 
 
-def _convert(value: object, tp: object, where: str) -> object:
-    """Convert a YAML value to the annotated type `tp`, raising a ValueError that names `where`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str | int | float):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict, where: str) -> object:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
-    """Parse `a.b=v`, `--a.b=v` and `--a.b v` items into (dotted key, raw value) pairs."""
-    pairs, i = [], 0
-    while i < len(items):
-        item = items[i].removeprefix("--")
-        if "=" in item:
-            key, raw = item.split("=", 1)
-        elif items[i].startswith("--") and i + 1 < len(items):
-            key, raw = item, items[i + 1]
-            i += 1
-        else:
-            raise ValueError(f"cannot parse override {items[i]!r}: use key.sub=value or --key.sub value")
-        pairs.append((key.replace("-", "_"), raw))
-        i += 1
-    return pairs
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> CurationConfig:
-    """Load a CurationConfig from YAML (or defaults when `path` is None) and apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"curation config {p} does not exist; see configs/curation/*.yaml")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: the top level must be a mapping of settings")
-    for key, raw in parse_overrides(overrides or []):
-        try:  # raw parsed as YAML, so numbers and null get their type
-            set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
-        except ValueError as e:
-            raise ValueError(f"override {key}: {e}") from None
-    cfg = _build(CurationConfig, data, "")
-    assert isinstance(cfg, CurationConfig)
-    return cfg
-
-
-def config_to_dict(cfg: CurationConfig) -> dict:
-    """The config as plain data (for the report and for cache fingerprints)."""
-    return dataclasses.asdict(cfg)
+def load_config(
+    path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None
+) -> CurationConfig:
+    """A CurationConfig from a YAML file (or the defaults) plus (dotted key, value) overrides."""
+    return config_loader.load_config(CurationConfig, path, overrides)
 
 
 def parse_step_args(argv: list[str] | None, flags: tuple[str, ...] = ()) -> tuple[CurationConfig, dict]:
-    """Split a step's command line into `--config`, the named `flags` and dotted overrides."""
-    import sys
-
+    """(config, {flag: text}) from a step's `--config X.yaml [--section.key value ...]` and `flags`;
+    `--help` prints every setting and exits."""
     items = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in items):
-        raise SystemExit(
-            "usage: python -m data_curation.<step> --config CONFIG.yaml [key.sub=value | --key.sub value ...]\n"
-            "settings: see data_curation/config.py (every field has a docstring)"
+    if "-h" in items or "--help" in items:
+        extra = "".join(f" [--{flag} VALUE]" for flag in flags)
+        sys.stdout.write(
+            f"usage: python -m data_curation.<step> --config CONFIG.yaml{extra} [--section.key VALUE ...]\n"
+            f"{config_loader.help_text(CurationConfig)}\n"
         )
-    wanted = {"config", *flags}
-    found: dict = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(items):
-        name = items[i].removeprefix("--").split("=", 1)[0]
-        if items[i].startswith("--") and name in wanted:
-            if "=" in items[i]:
-                found[name] = items[i].split("=", 1)[1]
-            else:
-                found[name] = items[i + 1]
-                i += 1
-        else:
-            rest.append(items[i])
-        i += 1
-    return load_config(found.pop("config", None), rest), found
+        raise SystemExit(0)
+    return config_loader.config_from_argv(CurationConfig, items, flags)
 
 
-def step_main(run, argv: list[str] | None) -> None:
+def step_main(run: Callable[[CurationConfig], None], argv: list[str] | None) -> None:
     """The command line of one step: logging, `--config X [overrides]`, then `run(cfg)`."""
     from .common import setup_logging
 

@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from eve.config_loader import config_to_dict
+
 from .captions import CAPTION_DROP_REASONS, load_captions
 from .common import (
     decode_image,
@@ -17,7 +19,7 @@ from .common import (
     record_timing,
     write_json_atomic,
 )
-from .config import CurationConfig, config_to_dict, step_main
+from .config import CurationConfig, step_main
 from .embed import feature_paths
 from .filter import DROP_REASONS, load_filter
 from .selection import load_cluster

@@ -35,18 +35,10 @@ def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {known}")
     t0 = time.time()
     rank, world = get_rank()
-    if cfg.embedded and rank == 0 and (steps is None or "scan" in steps):
+    if cfg.embedded.enabled and rank == 0 and (steps is None or "scan" in steps):
         from .embedded import build
 
-        build(
-            cfg.embedded_dir,
-            cfg.seed,
-            cfg.embedded_sft_turns,
-            cfg.embedded_sft_instruction,
-            caption_checks=cfg.embedded_caption_checks,
-            caption_questions=cfg.embedded_caption_questions,
-            sft_synthetic=cfg.embedded_sft_synthetic,
-        )
+        build(cfg.embedded, cfg.seed)
     logger.info("curation into %s (rank %d of %d)", cfg.out, rank, world)
     for name, module in STEPS:
         if steps is None or name in steps:
@@ -55,7 +47,7 @@ def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m data_curation.run --config X [--steps scan,filter] [key.sub=value ...]`."""
+    """`python -m data_curation.run --config X [--steps scan,filter] [--section.key value ...]`."""
     setup_logging()
     cfg, flags = parse_step_args(argv, flags=("steps",))
     run(cfg, flags["steps"].split(",") if "steps" in flags else None)

@@ -10,8 +10,9 @@ import tarfile
 import time
 from pathlib import Path
 
+from eve.image_processing_eve import IMAGE_EXTENSIONS
+
 from .common import (
-    IMAGE_EXTS,
     Record,
     get_rank,
     logger,
@@ -37,7 +38,7 @@ def scan_folder(src: SourceConfig) -> list[Record]:
     name = _name(src)
     out = []
     for p in sorted(root.rglob("*")):
-        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
             continue
         txt = p.with_suffix(".txt")
         caption = txt.read_text().strip() if txt.is_file() else None
@@ -81,7 +82,7 @@ def scan_tar(tar_path: str, src: SourceConfig) -> list[Record]:
             stem, _, ext = base[-1].partition(".")
             key = (base[0] + "/" + stem) if len(base) == 2 else stem
             ext = ext.lower()
-            if "." + ext in IMAGE_EXTS and key not in images:
+            if "." + ext in IMAGE_EXTENSIONS and key not in images:
                 images[key] = (m.offset_data, m.size)
                 order.append(key)
             elif ext == src.caption_key:

@@ -1,4 +1,4 @@
-"""Paths of the real assets that ship inside registry packages (DESIGN.md section 5), and tokenizers.
+"""Paths of the real assets that ship inside registry packages (docs/data.md lists them), and tokenizers.
 
 Nothing here downloads: every path points into an installed package, and a missing package gives an
 `AssetNotFoundError` that names the package to install. Packages are located with

@@ -1,31 +1,22 @@
-"""Run configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+"""Run configuration: the typed dataclasses one training run reads, loaded from YAML with dotted
+command-line overrides by `eve.config_loader`.
 
-    python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --data.max_length 512
+    python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --data.max_length=512
 
-Every setting is a declared field with a docstring; an unknown key (in a file or on the command line)
-is an error that names the key and where it came from. Values are coerced by the field's type, so
-`4e-4` (a string to YAML 1.1) is a float where a float is expected.
+Every setting is a declared field with a docstring (`--help` lists them); an unknown key, in a file
+or on the command line, is a `ConfigError` that names the key and where it came from.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from eve.overrides import set_dotted
+from eve import config_loader
+from eve.config_loader import ConfigError as ConfigError  # re-exported: the error of load_config
+from eve.config_loader import config_to_dict as config_to_dict  # re-exported for the engine
 from train.teacher import TeacherConfig
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be loaded: the message names the key and its source."""
 
 
 @dataclass
@@ -206,202 +197,22 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    """`value` as type `tp` (recursing into dataclasses and containers) or a ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{source}: '{key}' may not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: bad value for '{key}': {value!r}")
-    if value is None:
-        raise ConfigError(f"{source}: '{key}' may not be null (expected {_type_name(tp)})")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}.{i}", source) for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}.{i}", source) for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        try:
-            number = tp(value) if not (tp is int and isinstance(value, float)) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or (tp is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(
-                f"{source}: '{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}"
-            )
-        return number
-    if tp is str:
-        if isinstance(value, dict | list):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{source}: unsupported field type {tp} for '{key}'")
-
-
-def _build(cls: type, data: Any, key: str, source: str) -> Any:
-    """A `cls` dataclass from a mapping; unknown keys are errors."""
-    where = f"'{key}'" if key else "the top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for name in data:
-        if name not in names:
-            full = f"{key}.{name}" if key else str(name)
-            raise ConfigError(f"{source}: unknown key '{full}' (known keys of {where}: {', '.join(names)})")
-    kwargs = {
-        name: _coerce(hints[name], value, f"{key}.{name}" if key else name, source)
-        for name, value in data.items()
-    }
-    return cls(**kwargs)
-
-
-def _parse_cli_value(text: str) -> Any:
-    """A command-line value read as YAML (lists, mappings, null, booleans); coerced later by field type."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, Any]]]:
-    """(config path, [(dotted key, value)]) from `--config X --a.b v --c.d=v --resume [auto|path]`."""
-    config_path, overrides = None, []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"command line: expected --key value, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if key == "resume" and not takes_value:  # bare --resume = the latest checkpoint
-                value = "auto"
-            elif not takes_value:
-                raise ConfigError(f"command line: --{key} needs a value")
-            else:
-                value = argv[i + 1]
-                i += 1
-        i += 1
-        if key == "config":
-            config_path = value
-        elif key == "resume":
-            overrides.append(("train.resume", value))
-        else:
-            overrides.append((key, _parse_cli_value(value)))
-    return config_path, overrides
+# Loading (the machinery is eve.config_loader's)
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> RunConfig:
-    """A RunConfig from a YAML file (or the defaults) plus dotted overrides."""
-    tree: dict = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        source = str(path)
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping")
-    config = _build(RunConfig, tree, "", source)  # validates the file on its own first
-    if overrides:
-        for key, value in overrides:
-            try:
-                set_dotted(tree, key, value)
-            except ValueError as e:
-                raise ConfigError(f"command line: {e}") from None
-        config = _build(RunConfig, tree, "", f"{source} + command line")
-    return config
+    """A RunConfig from a YAML file (or the defaults) plus (dotted key, value) overrides."""
+    return config_loader.load_config(RunConfig, path, overrides)
 
 
 def config_from_argv(argv: list[str]) -> RunConfig:
-    """Parse `--config X.yaml --section.key value ...`."""
-    path, overrides = parse_overrides(argv)
-    return load_config(path, overrides)
+    """Parse `--config X.yaml --section.key value ... [--resume [auto|DIR]]` (`--resume` = `train.resume`)."""
+    flags, overrides = config_loader.parse_argv(argv, ("config", "resume"), bare={"resume": "auto"})
+    if "resume" in flags:
+        overrides.append(("train.resume", flags["resume"]))
+    return load_config(flags.get("config"), overrides)
 
 
-def config_to_dict(config: Any) -> dict:
-    """A plain (YAML/JSON-ready) dict of a config dataclass."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its attribute docstring (the string literal under the field)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def help_text(cls: type = RunConfig, prefix: str = "") -> str:
-    """Every setting with its type, default and docstring (for --help)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"\n[{prefix}{f.name}] {docs.get(f.name, '')}")
-            lines.append(help_text(tp, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '')}")
-    return "\n".join(lines)
+def help_text() -> str:
+    """Every run setting with its type, default and docstring (for --help)."""
+    return config_loader.help_text(RunConfig)

@@ -67,7 +67,8 @@ def demo_steps(
     curate_overrides: Sequence[str] = (),
     train_overrides: Sequence[str] = (),
 ) -> list[Step]:
-    """The five steps of the demo, in order (overrides: `key=value` for curation / every stage)."""
+    """The five steps of the demo, in order (overrides: `section.key=value` for curation / every
+    stage, passed on as `--section.key=value`, the syntax of both command lines)."""
     data = run / "data"
     curate = [
         sys.executable,
@@ -75,13 +76,16 @@ def demo_steps(
         "data_curation.run",
         "--config",
         str(REPO / "configs/curation/embedded.yaml"),
-        f"out_dir={data / 'curated'}",
-        f"embedded_dir={data}",
-        f"sources.0.path={data / 'sources.jsonl'}",
-        *curate_overrides,
+        "--out_dir",
+        str(data / "curated"),
+        "--embedded.dir",
+        str(data),
+        "--sources.0.path",
+        str(data / "sources.jsonl"),
+        *(f"--{kv}" for kv in curate_overrides),
     ]
     stage_args = [] if align else ["--teachers", "[]"]
-    stage_args += [f"--{kv}" for kv in train_overrides]  # the run config reads --section.key=value
+    stage_args += [f"--{kv}" for kv in train_overrides]
     evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]
     evaluate += ["--benchmark", "easy_vqa", "--out", str(run / "eval"), *eval_args]
     return [

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Answer normalisation, lenient matching and the metrics of each benchmark (pure Python).
 
-Matching rules (DESIGN.md section 4, answers are matched leniently):
+Matching rules (docs/evaluation.md; answers are matched leniently):
 - short answers: lower case, punctuation dropped, articles ("a", "an", "the") dropped, number words
   up to twenty written as digits, whitespace collapsed; so "Yes." == "yes", "Two" == "2",
   "(a) Apple" == "apple" == "the apple".

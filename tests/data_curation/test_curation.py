@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,17 @@ from PIL import Image
 from data_curation.captions import caption_problem, is_repetitive, is_unfinished
 from data_curation.cluster import assign, kmeans
 from data_curation.common import read_jsonl
-from data_curation.config import CaptionConfig, load_config
+from data_curation.config import CaptionConfig, EmbeddedConfig, load_config, parse_step_args
 from data_curation.embedded import (
+    CHECK_PREFIXES,
     COLORS,
     SHAPES,
     attribute_checks,
     attributes_from_questions,
     caption_for,
-    question_templates,
-    yes_no_pairs,
 )
 from data_curation.selection import select_nearest
+from eve.config_loader import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,67 +132,37 @@ def test_easy_vqa_attributes_from_questions():
     assert caption_for("blue", "circle") == "A blue circle." and caption_for(None, "circle") == "A circle."
 
 
+def split_check(check: str) -> tuple[str, str, str]:
+    """("is there a", "red", "yes") from "is there a red yes"."""
+    *prefix, named, verdict = check.split()
+    return " ".join(prefix), named, verdict
+
+
 def test_attribute_checks():
-    """Each check names an attribute of its kind and says truly whether the image has it; seeded; about
-    half of them name the image's own attribute; an unknown attribute gets no check."""
+    """Each check is a non-negated easy-vqa question start, an attribute of its kind and whether the
+    image has it; about half of them name the image's own attribute; seeded; an unknown attribute gets
+    no check."""
     import random
 
     rng = random.Random(0)
-    same = 0
+    same, prefixes = 0, set()
     for k in range(400):
         colour, shape = COLORS[k % 8], SHAPES[k % 3]
         text = attribute_checks(colour, shape, rng)
         assert text.endswith(".")
-        (c_word, c_verdict), (s_word, s_verdict) = (part.split() for part in text[:-1].split(", "))
+        (c_prefix, c_word, c_verdict), (s_prefix, s_word, s_verdict) = map(split_check, text[:-1].split(", "))
         assert c_word in COLORS and s_word in SHAPES
         assert c_verdict == ("yes" if c_word == colour else "no")
         assert s_verdict == ("yes" if s_word == shape else "no")
         same += (c_verdict == "yes") + (s_verdict == "yes")
+        prefixes |= {c_prefix, s_prefix}
     assert 340 < same < 460  # 800 checks, p = 1/2: mean 400, sd 14
+    assert prefixes == {"is there a", "is a", "does the image contain a"} == set(CHECK_PREFIXES)
     assert attribute_checks("red", "circle", random.Random(1)) == attribute_checks(
         "red", "circle", random.Random(1)
     )
     assert attribute_checks(None, None, rng) == ""
-    assert attribute_checks(None, "circle", rng).split()[0] in SHAPES
-
-
-def test_attribute_checks_phrased_as_questions():
-    """Phrased checks are an easy-vqa question cut after its attribute, then whether that question is
-    true for the image: a negated question is true when the image lacks the attribute."""
-    import random
-
-    rng = random.Random(0)
-    seen = set()
-    for k in range(300):
-        colour, shape = COLORS[k % 8], SHAPES[k % 3]
-        for check in attribute_checks(colour, shape, rng, phrased=True)[:-1].split(", "):
-            *prefix, named, verdict = check.split()
-            negated = "not" in prefix or "no" in prefix
-            has = named in (colour, shape)
-            assert named in COLORS + SHAPES and verdict == ("yes" if has != negated else "no")
-            seen.add((negated, verdict))
-    assert seen == {(False, "yes"), (False, "no"), (True, "yes"), (True, "no")}
-    positive = attribute_checks("red", "circle", rng, phrased=True, negated=False)[:-1].split(", ")
-    for check in positive:
-        *prefix, named, verdict = check.split()
-        assert "not" not in prefix and "no" not in prefix
-        assert verdict == ("yes" if named in ("red", "circle") else "no")
-
-
-def test_question_templates_from_hand_made_questions():
-    """Templates replace the one attribute word of each yes/no question (keeping its "?"); open
-    questions and repeats add nothing."""
-    qa = [
-        ("is there a red shape?", "no"),
-        ("is there a blue shape?", "yes"),
-        ("is no circle present?", "yes"),
-        ("is there a triangle?", "no"),
-        ("what color is the circle?", "red"),
-    ]
-    assert question_templates(qa) == {
-        "colour": ["is there a {} shape?"],
-        "shape": ["is no {} present?", "is there a {}?"],
-    }
+    assert split_check(attribute_checks(None, "circle", rng)[:-1])[1] in SHAPES
 
 
 def image_of(path: str) -> int:
@@ -201,120 +170,47 @@ def image_of(path: str) -> int:
     return int(path.rsplit("/", 1)[1].split(".")[0])
 
 
-def yes_no_truth(question: str, answer: str, colour: str, shape: str) -> tuple[str, bool, bool]:
-    """(the attribute an easy-vqa yes/no question names, whether it is negated, whether `answer` is
-    right for the image), by hand: easy-vqa negates with "not" or "is no"."""
-    named = [w.rstrip("?") for w in question.split() if w.rstrip("?") in COLORS + SHAPES]
-    assert len(named) == 1 and question.endswith("?"), question
-    negated = " not " in question or question.startswith("is no ")
-    return named[0], negated, answer == ("yes" if (named[0] in (colour, shape)) != negated else "no")
-
-
-def test_yes_no_pairs_answer_truly_and_balanced():
-    """One question per attribute; its answer is right for the image (a negated question is true when
-    the image lacks the attribute); the named attribute is the image's own with odds 1/2, so "yes" is
-    as common as "no" whatever the phrasing."""
-    import random
-
-    templates = {
-        "colour": ["is there a {} shape?", "is there not a {} shape?"],
-        "shape": ["is a {} present?", "is no {} present?"],
-    }
-    rng = random.Random(0)
-    own = yes = 0
-    for k in range(400):
-        colour, shape = COLORS[k % 8], SHAPES[k % 3]
-        pairs = yes_no_pairs(colour, shape, templates, rng)
-        assert len(pairs) == 2
-        for (question, answer), vocab in zip(pairs, (COLORS, SHAPES)):
-            named, _, right = yes_no_truth(question, answer, colour, shape)
-            assert named in vocab and right, (question, answer, colour, shape)
-            own += named in (colour, shape)
-            yes += answer == "yes"
-    assert 340 < own < 460 and 340 < yes < 460  # 800 questions, p = 1/2: mean 400, sd 14
-    positive = yes_no_pairs("red", "circle", templates, rng, negated=False)
-    assert len(positive) == 2 and not any(yes_no_truth(q, a, "red", "circle")[1] for q, a in positive)
-    assert yes_no_pairs(None, None, templates, rng) == []
-
-
-def test_embedded_build_caption_questions_and_synthetic_sft(tmp_path):
-    """caption_questions puts true whole questions between the checks and the description;
-    sft_synthetic=1 adds one true pair of yes/no questions (colour, shape) to each image's SFT questions."""
+def test_embedded_build_writes_the_shipped_recipe(tmp_path):
+    """Every easy-vqa caption starts with true checks, then the description; SFT conversations have
+    `sft_turns` questions of one image, each followed by the short-answer instruction, no checks."""
     from data_curation.embedded import build, easy_vqa_attributes
     from eve.assets import easy_vqa_dir
+    from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
 
-    plain = build(tmp_path / "plain", seed=0, sft_turns=3)
-    counts = build(
-        tmp_path / "q",
-        seed=0,
-        sft_turns=3,
-        caption_checks="positive",
-        caption_questions="positive",
-        sft_synthetic=1,
-    )
+    counts = build(EmbeddedConfig(dir=str(tmp_path), sft_turns=3), seed=0)
     attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
-    rows = [json.loads(line) for line in (tmp_path / "q" / "sources.jsonl").read_text().splitlines()]
-    for r in [r for r in rows if r["source"] == "easy_vqa_train"][:300]:
-        colour, shape = attrs[image_of(r["image"])]
-        sentences = r["caption"].split(". ")
-        # the checks, two whole questions, the description
-        assert len(sentences) == 4 and sentences[-1] == f"A {colour} {shape}."
-        for sentence in sentences[1:3]:
-            question, answer = sentence.rstrip(".").rsplit(" ", 1)
-            _, negated, right = yes_no_truth(question, answer, colour, shape)
-            assert right and not negated, sentence
-    assert counts["sft_questions"] == plain["sft_questions"] + 2 * counts["easy_vqa_train"]
-
-    def questions(folder: str) -> dict[str, Counter]:
-        out: dict[str, Counter] = {}
-        for s in json.loads((tmp_path / folder / "sft_easy_vqa.json").read_text()):
-            turns = s["conversations"]
-            for q, a in zip(turns[::2], turns[1::2]):
-                text = q["value"].replace("<image>\n", "").split("\n")[0]
-                out.setdefault(s["image"], Counter())[(text, a["value"])] += 1
-        return out
-
-    before, after = questions("plain"), questions("q")
-    for image in list(after)[:300]:
-        extra = after[image] - before[image]
-        assert sum(extra.values()) == 2, extra
-        colour, shape = attrs[image_of(image)]
-        assert all(yes_no_truth(q, a, colour, shape)[2] for q, a in extra), extra
-
-
-def test_embedded_build_positive_caption_checks(tmp_path):
-    """With caption_checks="positive" every easy-vqa caption starts with true checks phrased as the
-    non-negated question starts, then the plain caption; SFT conversations are left without checks."""
-    from data_curation.embedded import build, easy_vqa_attributes
-    from eve.assets import easy_vqa_dir
-
-    counts = build(tmp_path, seed=0, sft_turns=3, caption_checks="positive")
-    attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
-
-    def assert_true_checks(text: str, image: int) -> None:
-        for check in text.rstrip(".").split(", "):
-            *prefix, named, verdict = check.split()
-            assert prefix and "not" not in prefix and "no" not in prefix, check
-            assert verdict == ("yes" if named in attrs[image] else "no"), (check, attrs[image])
 
     rows = [json.loads(line) for line in (tmp_path / "sources.jsonl").read_text().splitlines()]
     easy = [r for r in rows if r["source"] == "easy_vqa_train"]
-    assert len(easy) == counts["easy_vqa_train"]
+    assert len(easy) == counts["easy_vqa_train"] and len(rows) == counts["sources"]
     for r in easy[:500]:
         checks, caption = r["caption"].split(". ", 1)
-        assert_true_checks(checks, image_of(r["image"]))
-        assert caption.startswith("A ")
+        image = image_of(r["image"])
+        for prefix, named, verdict in map(split_check, checks.split(", ")):
+            assert prefix in CHECK_PREFIXES, checks
+            assert verdict == ("yes" if named in attrs[image] else "no"), (checks, attrs[image])
+        assert caption == caption_for(*attrs[image])
     sft = json.loads((tmp_path / "sft_easy_vqa.json").read_text())
     assert len(sft) == counts["sft_samples"]
-    assert all(len(s["conversations"]) <= 6 for s in sft)  # 3 turns, nothing appended
+    assert all(len(s["conversations"]) <= 6 for s in sft)  # 3 turns
+    humans = [t["value"] for s in sft for t in s["conversations"][::2]]
+    assert sum(map(len, (s["conversations"] for s in sft))) == 2 * counts["sft_questions"]
+    assert all(h.endswith(f"?\n{SHORT_ANSWER_PROMPT}") for h in humans)
+    assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in sft)
     assert not any(" yes," in t["value"] for s in sft for t in s["conversations"])
 
 
 def test_configs_load_and_override():
     """Both shipped configs parse into typed dataclasses; dotted overrides convert types; typos fail."""
-    cfg = load_config(
-        REPO / "configs/curation/laion.yaml",
-        ["cluster.k=10", "--embed.batch_size", "8", "captions.clip_model=null"],
+    cfg, _ = parse_step_args(
+        [
+            "--config",
+            str(REPO / "configs/curation/laion.yaml"),
+            "cluster.k=10",
+            "--embed.batch_size",
+            "8",
+            "--captions.clip_model=null",
+        ]
     )
     assert (cfg.cluster.k, cfg.embed.batch_size, cfg.select.per_cluster, cfg.filter.min_side) == (
         10,
@@ -325,10 +221,27 @@ def test_configs_load_and_override():
     assert cfg.captions.clip_model is None and cfg.embed.model.startswith("EVA")
     emb = load_config(REPO / "configs/curation/embedded.yaml")
     assert emb.embed.backend == "timm" and emb.cluster.k * emb.select.per_cluster >= 4000
-    with pytest.raises(ValueError, match="unknown setting"):
-        load_config(None, ["cluster.kk=3"])
-    with pytest.raises(ValueError, match="integer"):
-        load_config(None, ["cluster.k=abc"])
+    assert emb.embedded == EmbeddedConfig(enabled=True, dir="runs/demo/data", sft_turns=3)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'cluster\.kk'"):
+        load_config(None, [("cluster.kk", 3)])
+    with pytest.raises(ConfigError, match=r"'cluster\.k' must be an integer"):
+        parse_step_args(["--cluster.k", "abc"])
+
+
+def test_help_lists_every_setting(capsys):
+    """`python -m data_curation.run --help`: one line per setting with its docstring, then exit 0."""
+    with pytest.raises(SystemExit) as e:
+        parse_step_args(["--help"], flags=("steps",))
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "[--steps VALUE]" in out
+    for line in (
+        "--embedded.sft_turns (int, default 3): Questions of one easy-vqa image per SFT conversation",
+        "--sources.N.path (str, default ''): Where the source lives (see `type`).",
+        "--cluster.k (int, default 50000): Number of clusters (EVE on LAION: 50,000).",
+        "--seed (int, default 0): Seed of everything random (clustering, shuffling).",
+    ):
+        assert line in out
 
 
 # ---------------------------------------------------------------- the pipeline on real, bad and odd files
@@ -403,10 +316,11 @@ def overrides(src: Path, out: Path) -> list[str]:
         ]
     )
     return [
-        f"out_dir={out}", f"sources={sources}", "scan.shard_size=8", "filter.min_side=16", "filter.num_workers=0",
-        "embed.backend=timm", "embed.model=efficientnet_lite0", "embed.weights=asset:efficientnet_lite0",
-        "embed.image_size=32", "embed.batch_size=4", "embed.num_workers=0", "cluster.k=6", "cluster.iterations=10",
-        "select.per_cluster=6", "shard.samples_per_shard=10", "barrier_timeout_s=120",
+        f"--out_dir={out}", f"--sources={sources}", "--scan.shard_size=8", "--filter.min_side=16",
+        "--filter.num_workers=0", "--embed.backend=timm", "--embed.model=efficientnet_lite0",
+        "--embed.weights=asset:efficientnet_lite0", "--embed.image_size=32", "--embed.batch_size=4",
+        "--embed.num_workers=0", "--cluster.k=6", "--cluster.iterations=10", "--select.per_cluster=6",
+        "--shard.samples_per_shard=10", "--barrier_timeout_s=120",
     ]  # fmt: skip
 
 
@@ -525,7 +439,7 @@ def test_rerun_with_changed_sources_is_an_error_not_stale_shards(reference, tmp_
     root, _ = reference
     src = tmp_path / "src"
     shutil.copytree(root / "src", src)
-    cfg = load_config(None, overrides(src, tmp_path / "out"))
+    cfg, _ = parse_step_args(overrides(src, tmp_path / "out"))
     run(cfg, ["scan"])
     first = (tmp_path / "out" / "scan" / "_SUCCESS.json").read_bytes()
     run(cfg, ["scan"])  # same sources: a no-op
@@ -533,7 +447,7 @@ def test_rerun_with_changed_sources_is_an_error_not_stale_shards(reference, tmp_
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:  # the same sources named by relative paths (make curate) rather than absolute ones (make demo)
-        run(load_config(None, overrides(Path("src"), tmp_path / "out")), ["scan"])
+        run(parse_step_args(overrides(Path("src"), tmp_path / "out"))[0], ["scan"])
     finally:
         os.chdir(cwd)
     jsonl = src / "odd.jsonl"
@@ -600,25 +514,9 @@ def test_resolution_filter_keeps_only_images_larger_than_min_side(tmp_path):
 
 def test_override_reaches_a_list_item():
     """`sources.0.path=...` changes the first source of the shipped config; a bad index is an error."""
-    cfg = load_config(REPO / "configs/curation/embedded.yaml", ["sources.0.path=/elsewhere/sources.jsonl"])
+    cfg = load_config(
+        REPO / "configs/curation/embedded.yaml", [("sources.0.path", "/elsewhere/sources.jsonl")]
+    )
     assert cfg.sources[0].path == "/elsewhere/sources.jsonl" and cfg.sources[0].type == "jsonl"
-    with pytest.raises(ValueError, match="not an index"):
-        load_config(REPO / "configs/curation/embedded.yaml", ["sources.5.path=x"])
-
-
-def test_balance_yes_no_equalises_answers_per_question():
-    """Per yes/no question string the majority answer is cut to the minority's count; others stay."""
-    from data_curation.embedded import balance_yes_no
-
-    per_image = {
-        0: [("is there a red shape?", "yes"), ("what color is the shape?", "red")],
-        1: [("is there a red shape?", "no"), ("what color is the shape?", "blue")],
-        2: [("is there a red shape?", "no")],
-        3: [("is there a red shape?", "no"), ("is there not a circle?", "yes")],
-    }
-    out = balance_yes_no(per_image, seed=0)
-    answers = [a for qa in out.values() for q, a in qa if q == "is there a red shape?"]
-    assert sorted(answers) == ["no", "yes"]  # 1 yes : 3 no -> 1 : 1
-    assert [a for qa in out.values() for q, a in qa if q == "is there not a circle?"] == []  # 1 : 0 -> 0 : 0
-    assert [a for qa in out.values() for q, a in qa if q.startswith("what")] == ["red", "blue"]
-    assert out == balance_yes_no(per_image, seed=0)  # seeded
+    with pytest.raises(ConfigError, match="'sources.5': '5' is not an index of the 1-item list"):
+        load_config(REPO / "configs/curation/embedded.yaml", [("sources.5.path", "x")])

@@ -7,7 +7,7 @@ from eve import PRESETS, EveConfig
 
 
 def test_eve_7b_preset_is_vicuna_7b_with_the_official_pel():
-    """EVE-7B = Vicuna-7B v1.5 + C=1024, p=14, s=2, 8 heads, 672 px (DESIGN.md section 1)."""
+    """EVE-7B = Vicuna-7B v1.5 + C=1024, p=14, s=2, 8 heads, 672 px (the paper; docs/architecture.md)."""
     c = EveConfig.from_preset("eve-7b")
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (
         4096,

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from eve.config_loader import field_docs
 from train.config import (
     ConfigError,
     RunConfig,
     config_from_argv,
     config_to_dict,
-    field_docs,
+    help_text,
     load_config,
-    parse_overrides,
 )
 from train.stages import STAGES
 
@@ -160,9 +160,8 @@ def test_command_line_overrides_are_typed():
     assert config.optim.betas == (0.9, 0.95)
     assert config.teachers[0].loss_weight == 0.5
     assert config.train.resume == "auto"
-    assert parse_overrides(["--resume", "runs/x/checkpoints/step-0000004"])[1] == [
-        ("train.resume", "runs/x/checkpoints/step-0000004")
-    ]
+    resumed = config_from_argv(["--resume", "runs/x/checkpoints/step-0000004", "--train.seed", "3"])
+    assert (resumed.train.resume, resumed.train.seed) == ("runs/x/checkpoints/step-0000004", 3)
 
 
 def test_bad_values_are_errors(tmp_path):
@@ -188,6 +187,29 @@ def test_every_field_has_a_docstring():
                 walk(hints[f.name])
 
     walk(RunConfig)
+
+
+def test_help_lists_every_setting_with_its_docstring():
+    """`--help` of the entry scripts: one line per field (teachers' fields under teachers.N.)."""
+    lines = {line.strip() for line in help_text().splitlines()}
+
+    def walk(cls, prefix):
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                assert f"[{prefix}{f.name}] {docs[f.name]}" in lines
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            line = next((x for x in lines if x.startswith(f"--{prefix}{f.name} (")), "")
+            assert line.endswith(docs[f.name]), f"{prefix}{f.name}"
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if dataclasses.is_dataclass(item):
+                walk(item, f"{prefix}{f.name}.N.")
+
+    walk(RunConfig, "")
+    assert any(x.startswith("--teachers.N.loss_weight (float, default 1.0): ") for x in lines)
 
 
 def test_round_trip_through_a_dict(tmp_path):
