@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -15,7 +16,6 @@ from .common import (
     Record,
     decode_image,
     get_rank,
-    logger,
     read_jsonl,
     record_timing,
     wait_for_files,
@@ -33,6 +33,8 @@ CAPTION_DROP_REASONS = (
     "caption_low_similarity",
     "caption_image_error",
 )
+
+logger = logging.getLogger(__name__)
 PART_SIZE = 10000  # selected rows per captions part file (the unit of resuming re-captioning)
 
 _WORD = re.compile(r"[\w']+")

@@ -7,10 +7,12 @@ import time
 
 import numpy as np
 
-from .common import get_rank, logger, record_timing, save_npy_atomic, write_json_atomic
+from .common import get_rank, record_timing, save_npy_atomic, write_json_atomic
 from .config import CurationConfig, step_main
 from .embed import load_features
 from .sources import load_scan
+
+logger = logging.getLogger(__name__)
 
 
 def have_faiss() -> bool:

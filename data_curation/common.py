@@ -15,20 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-logger = logging.getLogger("data_curation")
-
-
-def setup_logging() -> None:
-    """Log INFO on rank 0 and WARNING on other ranks, with the rank in every line."""
-    rank = get_rank()[0]
-    if logging.getLogger().handlers:
-        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        return
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [curation r{rank}] %(message)s",
-        datefmt="%H:%M:%S",
-    )
+logger = logging.getLogger(__name__)
 
 
 def get_rank() -> tuple[int, int]:

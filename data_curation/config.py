@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eve import config_loader
+from eve.console import setup_logging
 
 
 @dataclass
@@ -215,8 +216,6 @@ def parse_step_args(argv: list[str] | None, flags: tuple[str, ...] = ()) -> tupl
 
 def step_main(run: Callable[[CurationConfig], None], argv: list[str] | None) -> None:
     """The command line of one step: logging, `--config X [overrides]`, then `run(cfg)`."""
-    from .common import setup_logging
-
     setup_logging()
     cfg, _ = parse_step_args(argv)
     run(cfg)

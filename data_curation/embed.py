@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -20,7 +21,6 @@ from .common import (
     Record,
     decode_image,
     get_rank,
-    logger,
     my_shards,
     record_timing,
     save_npy_atomic,
@@ -30,6 +30,8 @@ from .common import (
 from .config import CurationConfig, EmbedConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
+
+logger = logging.getLogger(__name__)
 
 # Test hook: SIGKILL this process after this many shards are cached (a real, unclean interruption).
 KILL_AFTER_ENV = "EVE_CURATION_KILL_AFTER_SHARDS"

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -23,8 +24,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import logger, setup_logging, write_json_atomic, write_jsonl_atomic
+from eve.console import setup_logging
+
+from .common import write_json_atomic, write_jsonl_atomic
 from .config import EmbeddedConfig, parse_step_args
+
+logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 import time
 from collections import Counter
@@ -15,7 +16,6 @@ from .common import (
     Record,
     decode_image,
     get_rank,
-    logger,
     my_shards,
     read_jsonl,
     record_timing,
@@ -24,6 +24,8 @@ from .common import (
 )
 from .config import CurationConfig, step_main
 from .sources import load_scan
+
+logger = logging.getLogger(__name__)
 
 # Drop reasons, in pipeline order (the report prints them in this order).
 DROP_REASONS = ("missing", "decode_error", "too_small", "duplicate")

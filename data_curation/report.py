@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter, defaultdict
 
@@ -11,19 +12,14 @@ import numpy as np
 from eve.config_loader import config_to_dict
 
 from .captions import CAPTION_DROP_REASONS, load_captions
-from .common import (
-    decode_image,
-    get_rank,
-    logger,
-    read_jsonl,
-    record_timing,
-    write_json_atomic,
-)
+from .common import decode_image, get_rank, read_jsonl, record_timing, write_json_atomic
 from .config import CurationConfig, step_main
 from .embed import feature_paths
 from .filter import DROP_REASONS, load_filter
 from .selection import load_cluster
 from .sources import load_scan
+
+logger = logging.getLogger(__name__)
 
 
 def gather_counts(cfg: CurationConfig) -> dict:

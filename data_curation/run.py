@@ -8,10 +8,13 @@ shards and reports, and the other ranks exit.
 
 from __future__ import annotations
 
+import logging
 import time
 
+from eve.console import setup_logging
+
 from . import captions, cluster, embed, filter, report, selection, shard, sources
-from .common import get_rank, logger, setup_logging
+from .common import get_rank
 from .config import CurationConfig, parse_step_args
 
 # The pipeline, in order: (name, step module). Each module also runs alone: python -m data_curation.<module>.
@@ -25,6 +28,8 @@ STEPS = (
     ("shard", shard),
     ("report", report),
 )
+
+logger = logging.getLogger(__name__)
 
 
 def run(cfg: CurationConfig, steps: list[str] | None = None) -> None:

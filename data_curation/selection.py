@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import numpy as np
 
-from .common import (
-    get_rank,
-    logger,
-    record_timing,
-    save_npy_atomic,
-    wait_for_files,
-    write_json_atomic,
-)
+from .common import get_rank, record_timing, save_npy_atomic, wait_for_files, write_json_atomic
 from .config import CurationConfig, step_main
+
+logger = logging.getLogger(__name__)
 
 
 def select_nearest(labels: np.ndarray, distances: np.ndarray, n: int) -> np.ndarray:

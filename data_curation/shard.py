@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import time
 from collections.abc import Iterable
@@ -13,18 +14,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .captions import load_captions
-from .common import (
-    Record,
-    atomic_path,
-    decode_image,
-    get_rank,
-    logger,
-    record_timing,
-    write_jsonl_atomic,
-)
+from .common import Record, atomic_path, decode_image, get_rank, record_timing, write_jsonl_atomic
 from .config import CurationConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
+
+logger = logging.getLogger(__name__)
 
 # Formats whose bytes go into the shards unchanged (when already RGB or greyscale); others become PNG.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png"}

@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import tarfile
 import time
 from pathlib import Path
@@ -15,7 +16,6 @@ from eve.image_processing_eve import IMAGE_EXTENSIONS
 from .common import (
     Record,
     get_rank,
-    logger,
     read_jsonl,
     record_timing,
     wait_for_files,
@@ -23,6 +23,8 @@ from .common import (
     write_jsonl_atomic,
 )
 from .config import CurationConfig, SourceConfig, step_main
+
+logger = logging.getLogger(__name__)
 
 
 def _name(src: SourceConfig) -> str:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import initialization as init
 
 from eve.configuration_eve import PRESETS, EveConfig
+from eve.console import setup_logging
 from eve.modeling_eve import _LLAMA_TEXT_FIELDS, EveForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "--preset", default="eve-7b", choices=sorted(PRESETS), help="vision preset (image size)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     convert_checkpoint(args.src, args.dst, args.preset)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -289,8 +290,6 @@ class PatchAligner(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Write aligner.safetensors + aligner_config.json into directory."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -300,8 +299,6 @@ class PatchAligner(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> PatchAligner:
         """Rebuild a PatchAligner saved by `save` (strict key match)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         cfg_path = directory / ALIGNER_CONFIG
         if not cfg_path.exists():

@@ -36,10 +36,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from eve.image_processing_eve import ImageLoadError
 from train.packing import Collator, plan_batches
 from train.records import BadSample, Record, expand_shards, iter_tar_records, load_json_records
+from train.teacher import teacher_keys
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +91,6 @@ class SampleEncoder:
 
     def __call__(self, rec: Record, with_pixels: bool = True) -> dict:
         """Encode one record; raises BadSample with a reason."""
-        from PIL import Image
-
-        from train.teacher import teacher_keys
-
         if rec.error is not None:
             raise rec.error
         if rec.conversations is not None:
@@ -115,8 +114,6 @@ class SampleEncoder:
                 conversations, image, template=self.options.template, sample_id=rec.source
             )
         except ValueError as e:
-            from eve.image_processing_eve import ImageLoadError
-
             msg = str(e)
             reason = "bad_image_placeholder" if "placeholder" in msg else "bad_conversation"
             if isinstance(e, ImageLoadError):

@@ -5,7 +5,7 @@ the same commands a user would type (`make curate`, `make pretrain-stage1`, ...)
 exercises exactly the shipped entry points and configs. A finished step (its export or report
 exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` deletes
 each step's output (curated shards, stage checkpoints and exports, evaluation) and redoes it.
-`--no-align` trains without the patch-aligning loss (the ablation of DESIGN.md section 1).
+`--no-align` trains without the patch-aligning loss (the ablation in docs/findings.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger("train.demo")
+from eve.console import setup_logging
+
+logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -161,7 +163,7 @@ def show_answers(run: Path, n_images: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m train.demo [--run-dir runs/demo] [--no-align] [--force]`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--no-align", action="store_true", help="train without the patch-aligning loss")

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -81,8 +82,6 @@ def init_distributed(use_deepspeed: bool) -> DistInfo:
 
 def _init_process_group(backend: str, use_deepspeed: bool, rank: int, world_size: int) -> None:
     if use_deepspeed:
-        import deepspeed
-
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     else:
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eve.configuration_eve import IGNORE_INDEX
+from train.teacher import teacher_keys
 
 
 @dataclass
@@ -55,8 +56,6 @@ class DummyImage:
 
     def sample(self) -> dict:
         """A sample dict holding only the dummy image (no supervised token)."""
-        from train.teacher import teacher_keys
-
         s = {
             "input_ids": [self.image_token_index] * self.num_tokens,
             "labels": [IGNORE_INDEX] * self.num_tokens,
@@ -192,8 +191,6 @@ class Collator:
         return self._collate(rows)
 
     def _collate(self, rows: list[list[dict]]) -> dict:
-        from train.teacher import teacher_keys
-
         lengths = [sum(sample_length(s) for s in r) for r in rows]
         width = _round_up(max(lengths), self.pad_to_multiple_of)
         b = len(rows)

@@ -144,7 +144,7 @@ class TimmTeacher(Teacher):
     """A timm `features_only` model: one intermediate feature map (channels-last)."""
 
     def __init__(self, config: TeacherConfig) -> None:
-        import timm
+        import timm  # each backend imports its own package when chosen (the curate extra installs them)
 
         model = timm.create_model(config.name, pretrained=False, features_only=True)
         n_maps = len(model.feature_info.channels())

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 TRAIN_YAMLS = sorted(p for d in ("tiny", "eve7b", "eve7b_hd") for p in (CONFIGS / d).glob("*.yaml"))
 
-# DESIGN.md section 2 (the paper's table): lr, global batch, warm-up ratio, max length, template.
+# The paper's stage table (docs/stages.md): lr, global batch, warm-up ratio, max length, template.
 PAPER = {
     "stage1": dict(lr=4e-4, batch=512, warmup=0.03, max_length=2048, template="plain"),
     "stage2": dict(lr=4e-5, batch=512, warmup=0.01, max_length=2048, template="plain"),
