@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+
+from eve.inference import generate_all, load_model
 
 from .common import (
     Record,
@@ -101,34 +102,24 @@ def caption_problem(caption: str | None, cfg: CaptionConfig) -> str | None:
 
 def recaption_eve(records: list[Record], cfg: CaptionConfig) -> list[str | None]:
     """Captions from an exported EVE checkpoint (batched greedy generate); None where the image fails."""
-    # Lazy: the model library is needed only for re-captioning.
-    from eve.eval.runner import generate, load_model
-    from eve.templates import HUMAN, IMAGE_PLACEHOLDER, conversation_to_pieces
-
     if not cfg.eve_model or not Path(cfg.eve_model, "config.json").is_file():
         raise FileNotFoundError(
             f"captions.eve_model={cfg.eve_model!r} is not an exported EVE checkpoint (no config.json)"
         )
     model, processor = load_model(cfg.eve_model)
-    turns = [{"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{cfg.eve_prompt}"}]
-    prompt = "".join(
-        t for t, _ in conversation_to_pieces(turns, cfg.eve_template, add_generation_prompt=True)
+    prompt = processor.build_prompt(cfg.eve_prompt, cfg.eve_template, has_image=True)
+    # Images are decoded a batch at a time; one that fails is logged and gets no caption.
+    images = [lambda r=r: decode_image(r.read_bytes(), r.where())[0] for r in records]
+    return generate_all(
+        model,
+        processor,
+        [prompt] * len(records),
+        images,
+        cfg.eve_batch_size,
+        cfg.eve_max_new_tokens,
+        progress=True,
+        desc="recaption",
     )
-    out: list[str | None] = [None] * len(records)
-    for a in tqdm(range(0, len(records), cfg.eve_batch_size), desc="recaption", leave=False):
-        batch, idx = [], []
-        for j in range(a, min(a + cfg.eve_batch_size, len(records))):
-            try:
-                batch.append(decode_image(records[j].read_bytes(), records[j].where())[0])
-                idx.append(j)
-            except (ValueError, OSError) as e:
-                logger.warning("recaption: %s", e)
-        if batch:
-            for j, text in zip(
-                idx, generate(model, processor, [prompt] * len(batch), batch, cfg.eve_max_new_tokens)
-            ):
-                out[j] = text
-    return out
 
 
 def clip_similarity(records: list[Record], captions: list[str], cfg: CaptionConfig) -> np.ndarray:

@@ -19,9 +19,9 @@ from typing import TextIO
 import torch
 from PIL import Image
 
-from eve.eval.runner import generate, load_model
 from eve.image_processing_eve import ImageLoadError, load_image
-from eve.templates import GPT, HUMAN, IMAGE_PLACEHOLDER, conversation_to_pieces
+from eve.inference import DTYPES, conversation_prompt, generate, load_model
+from eve.templates import GPT, HUMAN, IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +56,30 @@ class ChatSession:
         self.image = image
         self.reset()
 
+    def _user_value(self, message: str) -> str:
+        """`message` as the next human turn: the first turn about an image carries its placeholder."""
+        if not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message:
+            return f"{IMAGE_PLACEHOLDER}\n{message}"
+        return message
+
     def prompt(self, message: str) -> str:
         """The full generation prompt: the history plus `message` as the next user turn."""
-        value = message
-        if not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message:
-            value = f"{IMAGE_PLACEHOLDER}\n{message}"
-        turns = self.turns + [{"from": HUMAN, "value": value}]
-        return "".join(
-            text for text, _ in conversation_to_pieces(turns, self.template, add_generation_prompt=True)
+        return conversation_prompt(
+            self.turns + [{"from": HUMAN, "value": self._user_value(message)}], self.template
         )
 
     def ask(self, message: str) -> str:
         """The model's answer to `message`; both are appended to the history."""
-        prompt = self.prompt(message)
-        kwargs = {}
-        if self.temperature > 0:
-            kwargs = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
-        [answer] = generate(self.model, self.processor, [prompt], [self.image], self.max_new_tokens, **kwargs)
-        first = not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message
-        self.turns += [
-            {"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{message}" if first else message},
-            {"from": GPT, "value": answer},
-        ]
+        [answer] = generate(
+            self.model,
+            self.processor,
+            [self.prompt(message)],
+            [self.image],
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+        self.turns += [{"from": HUMAN, "value": self._user_value(message)}, {"from": GPT, "value": answer}]
         return answer
 
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     return p
 
 

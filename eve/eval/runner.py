@@ -1,5 +1,8 @@
 """Evaluate an exported EVE checkpoint on a benchmark: greedy batched generation, JSON + table.
 
+Loading and generation are `eve.inference`'s; this module holds what is specific to benchmarks
+(prompts from questions, scoring, the result files and the table).
+
 `python -m eve.eval --model DIR --benchmark NAME [--data PATH] [--image-root DIR] --out DIR
 [--batch-size N] [--limit N] [--max-new-tokens N]` writes `{out}/{benchmark}.json`
 (`{"accuracy", "n", "per_category", ...benchmark metrics}`) and `{out}/{benchmark}_predictions.jsonl`,
@@ -15,9 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from PIL import Image
-
 from eve.eval.benchmarks import (
     BENCHMARKS,
     EvalSample,
@@ -26,58 +26,9 @@ from eve.eval.benchmarks import (
     load_samples,
     score_predictions,
 )
-from eve.image_processing_eve import ImageLoadError, load_image
+from eve.inference import DTYPES, generate_all, length_order, load_model
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model_dir: str | Path, device: str | None = None, dtype: str | None = None) -> tuple:
-    """(model, processor) from one exported directory; bf16 on CUDA and fp32 on CPU by default."""
-    from eve import EveForCausalLM, EveProcessor
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir}: no config.json; pass --model to an exported checkpoint (e.g. runs/demo/sft/export)"
-        )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = (
-        getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    )
-    model = EveForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-    processor = EveProcessor.from_pretrained(model_dir)
-    return model, processor
-
-
-@torch.inference_mode()
-def generate(
-    model,
-    processor,
-    prompts: Sequence[str],
-    images: Sequence[Image.Image | None],
-    max_new_tokens: int = 16,
-    **generate_kwargs,
-) -> list[str]:
-    """Answers to a batch of ready-made prompts (left-padded; one image or None per prompt)."""
-    batch = processor(list(prompts), list(images), padding_side="left")
-    batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens}
-    kwargs.update(eos_token_id=processor.tokenizer.eos_token_id, pad_token_id=processor.pad_token_id)
-    kwargs.update(generate_kwargs)
-    out = model.generate(**batch, **kwargs)
-    new_tokens = out[:, batch["input_ids"].shape[1] :]  # generate returns prompt + new tokens
-    return [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def _length_key(sample: EvalSample, prompt: str, image_processor) -> tuple:
-    """Sort key: text-only first, then by image-token count (from the image header), then text length."""
-    if sample.image is None:
-        return (0, 0, len(prompt))
-    with Image.open(sample.image) as im:  # reads the header only
-        w, h = im.size
-    return (1, image_processor.num_image_tokens(*image_processor.grid_hw(h, w)), len(prompt))
 
 
 def predict(
@@ -90,41 +41,22 @@ def predict(
     progress: bool = True,
     answer_instruction: bool = True,
 ) -> list[str]:
-    """Greedy answers for `samples`, in their order; generated in length-sorted batches."""
-    from tqdm.auto import tqdm
-
+    """Greedy answers for `samples`, in their order; generated in length-sorted batches ("" if unreadable)."""
     prompts = [
         processor.build_prompt(build_question(s, answer_instruction), template, s.image is not None)
         for s in samples
     ]
-    ip = processor.image_processor
-    order = sorted(range(len(samples)), key=lambda i: _length_key(samples[i], prompts[i], ip))
-    preds: list[str] = [""] * len(samples)
-    unreadable: list[str] = []
-    bar = tqdm(total=len(samples), unit="q", desc="eval", disable=not progress)
-    start = 0
-    while start < len(order):
-        idx = order[start : start + batch_size]
-        start += len(idx)
-        kept, images = [], []
-        for i in idx:
-            try:
-                images.append(load_image(samples[i].image) if samples[i].image is not None else None)
-                kept.append(i)
-            except ImageLoadError as e:  # a bad image costs its question, never the run
-                logger.warning(f"{e} (question {samples[i].id} scored as wrong)")
-                unreadable.append(samples[i].id)
-        if kept:
-            answers = generate(model, processor, [prompts[i] for i in kept], images, max_new_tokens)
-            for i, a in zip(kept, answers):
-                preds[i] = a
-        bar.update(len(idx))
-    bar.close()
+    images = [s.image for s in samples]
+    order = length_order(prompts, images, processor.image_processor)
+    answers = generate_all(
+        model, processor, prompts, images, batch_size, max_new_tokens, order, progress, desc="eval"
+    )
+    unreadable = [s.id for s, a in zip(samples, answers) if a is None]
     if unreadable:
         logger.warning(
             f"{len(unreadable)} questions had unreadable images (first: {unreadable[0]}); scored as wrong"
         )
-    return preds
+    return ["" if a is None else a for a in answers]
 
 
 def evaluate(
@@ -238,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--template", default=None, help="chat template (default: the processor's, vicuna_v1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument(
         "--no-answer-instruction",
         action="store_true",
-        help="leave out the DESIGN.md answer-format line (for a model fine-tuned without it)",
+        help="leave out the answer-format line after each question, e.g. 'Answer the question using a "
+        "single word or phrase.' (for a model fine-tuned without it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     return p

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from eve import EveConfig, EveForCausalLM
 from eve.patch_embedding import patchify
+from tests.conftest import force_reply
 
 # Tolerances. "Same ops, same rows" comparisons (batched vs alone, packed vs separate, padded vs
 # not) differ only by the summation order of matmuls/attention over different shapes: fp32 values
@@ -265,6 +266,24 @@ def test_batched_greedy_generate_equals_one_by_one(tiny_model, samples, tiny_con
             alone = tiny_model.generate(**collate([sample]), **kwargs)[0, len(sample[0]) :]
             assert torch.equal(batched[row, -6:], alone), row
     assert torch.equal(batched[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # prompt + new tokens
+
+
+def test_greedy_generate_stops_exactly_at_eos_or_max_new_tokens(tiny_model, samples):
+    """A model whose next token is known (token 29889, then eos 2): exact lengths and pads, batch-wide."""
+    model = force_reply(tiny_model, token=29889, eos=2)
+    samples = [samples[0], (samples[1][0] + [29889], None, None), samples[2]]  # row 1 already ends in it
+    batch = collate(samples, left=True)
+    length = batch["input_ids"].shape[1]
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=2)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=6, **kwargs)
+        # Rows 0 and 2 say 29889 then eos; row 1 says eos at once and is padded while the others finish.
+        assert out[:, length:].tolist() == [[29889, 2], [2, 0], [29889, 2]]
+        out = model.generate(**batch, max_new_tokens=1, **kwargs)  # the limit comes before eos
+        assert out[:, length:].tolist() == [[29889], [2], [29889]]
+        t = 29889  # without an eos id the pattern repeats up to the limit
+        out = model.generate(**batch, max_new_tokens=5, **{**kwargs, "eos_token_id": None})
+        assert out[:, length:].tolist() == [[t, 2, t, 2, t], [2, t, 2, t, 2], [t, 2, t, 2, t]]
 
 
 def test_sampling_generate_is_seeded(tiny_model, samples):

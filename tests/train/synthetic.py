@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -130,3 +131,9 @@ def tiny_run_config(tmp_path: Path, stage: str = "stage1", **sections) -> dict:
         else:
             tree[section] = values
     return tree
+
+
+def write_yaml(path: Path, tree: dict) -> str:
+    """Write a config tree as YAML; its path as a string (for `--config`)."""
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)

@@ -93,13 +93,6 @@ def test_resume_requires_same_layout(tmp_path):
 # real records through the real processor
 
 
-@pytest.fixture
-def processor(tokenizer, tiny_config):
-    from eve import EveProcessor
-
-    return EveProcessor.from_config(tokenizer, tiny_config)
-
-
 def _jpeg(seed, size=(24, 40)):
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards
+from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards, write_yaml
 from train.checkpointing import list_checkpoints
 from train.cli import run_stage
 from train.metrics import read_metrics
@@ -64,8 +64,7 @@ def sft_setup(tmp_path_factory):
     s1 = tiny_run_config(
         tmp, "stage1", data={"shards": shards}, train={"max_steps": 1, "output_dir": str(tmp / "s1")}
     )
-    (tmp / "s1.yaml").write_text(yaml.safe_dump(s1))
-    init = run_stage("stage1", ["--config", str(tmp / "s1.yaml")])
+    init = run_stage("stage1", ["--config", write_yaml(tmp / "s1.yaml", s1)])
     sft_json = write_llava_json(tmp / "sft", n_samples=16)
     tree = tiny_run_config(
         tmp,
@@ -74,8 +73,7 @@ def sft_setup(tmp_path_factory):
         data={"json": str(sft_json), "image_root": str(tmp / "sft"), "window": 1, "packing": True},
         train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 4, "save_every": 2},
     )
-    path = tmp / "sft.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path = write_yaml(tmp / "sft.yaml", tree)
     return tmp, path, reference_run(path, tmp / "ref")
 
 
@@ -181,7 +179,9 @@ def test_two_ranks_zero3_with_frozen_lower_layers(sft_setup):
     out = tmp / "zero3_frozen"
     launch(torchrun(2), "train/sft.py", [*zero3_args(path, out), *frozen])
     assert_same_losses(read_metrics(out), reference)
-    init = load_file(str(Path(yaml.safe_load(path.read_text())["model"]["init_path"]) / "model.safetensors"))
+    init = load_file(
+        str(Path(yaml.safe_load(Path(path).read_text())["model"]["init_path"]) / "model.safetensors")
+    )
     after = load_file(str(out / "export" / "model.safetensors"))
     held = ("vision_tower.", "model.embed_tokens.", "model.layers.0.")
     assert any(k.startswith(held) for k in init)

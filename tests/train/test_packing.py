@@ -96,13 +96,6 @@ def test_dummy_image_for_text_only_batch():
     assert Collator(dummy_image=dummy)([[_fake(10, (1, 2))]])["image_grid_hw"].tolist() == [[1, 2]]
 
 
-@pytest.fixture
-def processor(tokenizer, tiny_config):
-    from eve import EveProcessor
-
-    return EveProcessor.from_config(tokenizer, tiny_config)
-
-
 def _samples(processor):
     rng = np.random.default_rng(0)
     convs = []

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards
+from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards, write_yaml
 from train.checkpointing import list_checkpoints
 from train.cli import run_stage
 from train.metrics import read_metrics
@@ -32,9 +31,7 @@ def config_file(tmp_path, name, **train):
         data={"shards": shards, "window": 8},
         train={"max_steps": 8, "save_every": 2, "keep_last": 2, "output_dir": str(tmp_path / name), **train},
     )
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+    return write_yaml(tmp_path / f"{name}.yaml", tree)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +126,7 @@ def test_sft_resume_with_text_only_samples(tmp_path):
                 "micro_batch_size": 1,
             },
         )
-        trees[name] = tmp_path / f"{name}.yaml"
-        trees[name].write_text(yaml.safe_dump(tree))
+        trees[name] = write_yaml(tmp_path / f"{name}.yaml", tree)
     run_stage("sft", ["--config", str(trees["ref"])])
     run_stage("sft", ["--config", str(trees["run"]), "--train.stop_after", "3"])
     run_stage("sft", ["--config", str(trees["run"]), "--resume"])
