@@ -1,7 +1,8 @@
 """Resumable checkpoints, written atomically: model, optimizer, scheduler, data position, RNG states.
 
 Layout of one checkpoint (`output_dir/checkpoints/step-0000040/`):
-    meta.json            step, world size, engine kind (written last: its presence marks completeness)
+    meta.json            step, world size, engine kind, run id (written last: its presence marks completeness)
+    config.json          the run config the checkpoint was written with (compared on resume)
     train_state.pt       plain loop: model + optimizer state dicts
     ds/                  DeepSpeed loop: the engine's own (sharded) model + optimizer checkpoint
     scheduler.pt         LR scheduler state (same on every rank)
@@ -58,6 +59,17 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's meta.json."""
+    return json.loads((path / "meta.json").read_text())
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """The run config a checkpoint was written with (None for checkpoints of older versions)."""
+    file = path / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG this process uses, in a form torch.load(weights_only=True) reads back."""
     np_state = np.random.get_state()
@@ -90,10 +102,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank_state: dict[str, Any],
+    run_id: str,
+    config: dict[str, Any],
     ds_engine: Any = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `step` (every rank calls this); returns its final directory."""
+    """Write checkpoint `step` (every rank calls this); returns its final directory.
+
+    Rotation keeps the `keep_last` newest checkpoints of this run (`run_id`) and never deletes one
+    written by another run.
+    """
     root = checkpoints_root(output_dir)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -113,12 +131,19 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()
     if dist_info.is_main:
-        meta = {"step": step, "world_size": dist_info.world_size, "deepspeed": ds_engine is not None}
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        meta = {
+            "step": step,
+            "world_size": dist_info.world_size,
+            "deepspeed": ds_engine is not None,
+            "run_id": run_id,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():  # a re-run of the same step (resume from an older checkpoint)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(output_dir)[: max(0, len(list_checkpoints(output_dir)) - keep_last)]:
+        own = [p for p in list_checkpoints(output_dir) if read_meta(p).get("run_id") == run_id]
+        for old in own[: max(0, len(own) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -137,7 +162,7 @@ def load_checkpoint(
     ds_engine: Any = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore model, optimizer, scheduler and RNG from `path`; returns (step, this rank's state)."""
-    meta = broadcast_object(json.loads((path / "meta.json").read_text()) if dist_info.is_main else None)
+    meta = broadcast_object(read_meta(path) if dist_info.is_main else None)
     if meta["world_size"] != dist_info.world_size:
         raise ValueError(
             f"{path} was written by {meta['world_size']} ranks, this run has {dist_info.world_size}: "

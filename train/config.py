@@ -149,9 +149,9 @@ class TrainConfig:
     log_every: int = 1
     """Write metrics.jsonl every N steps."""
     save_every: int = 0
-    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    """Write a resumable checkpoint every N steps; the last step always writes one (0: only that one)."""
     keep_last: int = 2
-    """Resumable checkpoints kept (older ones are deleted)."""
+    """Resumable checkpoints of this run kept (its older ones are deleted; other runs' never)."""
     output_dir: str = "runs/demo/stage1"
     """Run directory: metrics.jsonl, checkpoints/, export/."""
     resume: str | None = None
@@ -162,6 +162,12 @@ class TrainConfig:
     """Also log to TensorBoard (output_dir/tb) when it is installed."""
     stop_after: int | None = None
     """Stop after this many optimizer steps without exporting, as if interrupted (tests, debugging)."""
+    overwrite: bool = False
+    """Let a fresh run replace another run's work (checkpoints, metrics, export) in output_dir; without
+    it such a directory is an error."""
+    allow_config_change: bool = False
+    """Resume with settings that differ from the checkpoint's (other than length, logging, saving,
+    export): applied from the resumed step on, with a warning; without it they are an error."""
 
 
 @dataclass

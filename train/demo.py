@@ -2,10 +2,10 @@
 
 `make demo` (= `python -m train.demo --run-dir runs/demo`) runs every step as its own process, with
 the same commands a user would type (`make curate`, `make pretrain-stage1`, ...), so the demo
-exercises exactly the shipped entry points and configs. A finished step (its export or report
-exists) is skipped on a re-run, so an interrupted demo continues where it stopped; `--force` deletes
-each step's output (curated shards, stage checkpoints and exports, evaluation) and redoes it.
-`--no-align` trains without the patch-aligning loss (the ablation in docs/findings.md).
+exercises exactly the shipped entry points and configs. A finished step (a complete export, with
+its `export.json` marker, or the report) is skipped on a re-run, so an interrupted demo continues
+where it stopped; `--force` deletes each step's output (curated shards, stage checkpoints and
+exports, evaluation) and redoes it. `--no-align` trains without the patch-aligning loss (the ablation in docs/findings.md).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eve.console import setup_logging
+from train.rundir import EXPORT_MARKER
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def training_step(name: str, script: str, config: str, run: Path, extra: Sequenc
     if name == "sft":
         argv += ["--data.json", str(data / "sft_easy_vqa.json"), "--data.image_root", str(data)]
         argv += ["--model.init_path", str(run / "stage2" / "export")]
-    return Step(name, argv + list(extra), run / name / "export" / "config.json", run / name)
+    return Step(name, argv + list(extra), run / name / "export" / EXPORT_MARKER, run / name)
 
 
 def demo_steps(

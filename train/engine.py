@@ -42,10 +42,11 @@ from train.build import (
     total_steps,
     zero_stage,
 )
-from train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpointing import load_checkpoint, read_config, read_meta, resolve_resume, save_checkpoint
 from train.config import RunConfig, config_to_dict
-from train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from train.metrics import MetricsWriter
+from train.rundir import check_resume_config, claim, publish_export, write_claim
 from train.stages import (
     apply_stage,
     frozen_check,
@@ -209,10 +210,22 @@ def train(config: RunConfig) -> Path:
         raise ValueError(
             "several processes need train.deepspeed (configs/deepspeed/zero2.json or zero3.json)"
         )
+    # The run directory: whose it is, and whether a resumed run keeps its checkpoint's settings.
     output_dir = Path(tc.output_dir)
+    config_dict = config_to_dict(config)
+    resume_from = resolve_resume(tc.resume, output_dir)
+    changed: list[str] = []
+    if resume_from is not None:
+        changed = check_resume_config(
+            read_config(resume_from), config_dict, resume_from, tc.allow_config_change
+        )
+    resumed_id = read_meta(resume_from).get("run_id") if resume_from is not None else None
+    run_id = claim(output_dir, resumed_id, resume_from is not None, tc.overwrite)
+    run_id = broadcast_object(run_id)  # rank 0's new id when the run starts fresh
     if dist_info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+        write_claim(output_dir, run_id, tc.overwrite)
+        (output_dir / "config.json").write_text(json.dumps(config_dict, indent=1))
+    barrier()
     logger.info(
         "stage %s (%s), world size %d, device %s",
         stage.name,
@@ -265,8 +278,8 @@ def train(config: RunConfig) -> Path:
     )
 
     step = 0
-    resume_from = resolve_resume(tc.resume, output_dir)
     if resume_from is not None:
+        fresh_hparams = [{k: g[k] for k in OPTIM_HPARAMS} for g in optimizer.param_groups]
         step, rank_state = load_checkpoint(
             resume_from,
             dist_info=dist_info,
@@ -276,6 +289,9 @@ def train(config: RunConfig) -> Path:
             ds_engine=ds_engine,
         )
         loader.load_state_dict(rank_state["data"])
+        if changed:
+            # The optimizer and scheduler restored the old hyper-parameters: put this run's back.
+            apply_hparams(optimizer, scheduler, fresh_hparams)
     elif tc.resume == "auto":
         logger.info("--resume auto: no checkpoint in %s, starting fresh", output_dir)
     metrics = MetricsWriter(output_dir, dist_info.is_main, tc.tensorboard, start_step=step)
@@ -317,7 +333,7 @@ def train(config: RunConfig) -> Path:
         progress.set_postfix(
             loss=f"{stats.loss:.4f}", ce=f"{stats.ce_loss:.4f}", al=f"{stats.align_loss:.4f}"
         )
-        if tc.save_every and (step % tc.save_every == 0 or step == steps):
+        if step == steps or (tc.save_every and step % tc.save_every == 0):
             save_checkpoint(
                 output_dir,
                 step,
@@ -326,6 +342,8 @@ def train(config: RunConfig) -> Path:
                 optimizer=optimizer,
                 scheduler=scheduler,
                 rank_state={"data": loader.state_dict()},
+                run_id=run_id,
+                config=config_dict,
                 ds_engine=ds_engine,
                 keep_last=tc.keep_last,
             )
@@ -339,39 +357,62 @@ def train(config: RunConfig) -> Path:
     if step < steps or not config.export.enabled:
         return output_dir
     export_dir = output_dir / config.export.dir
-    export(export_dir, module, processor, ds_engine if zero_stage(ds_config) == 3 else None, dist_info)
+    info = {"run_id": run_id, "stage": stage.name, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    export(export_dir, module, processor, ds_engine if zero_stage(ds_config) == 3 else None, dist_info, info)
     return export_dir
 
 
 def export(
-    output: Path, module: TrainModule, processor: EveProcessor, zero3_engine: Any, dist_info: DistInfo
+    output: Path,
+    module: TrainModule,
+    processor: EveProcessor,
+    zero3_engine: Any,
+    dist_info: DistInfo,
+    info: dict[str, Any],
 ) -> None:
-    """save_pretrained (+ tokenizer, processor config) and aligner.safetensors + aligner_config.json.
+    """save_pretrained (+ tokenizer, processor config), aligner.safetensors + aligner_config.json.
 
-    zero3_engine: the DeepSpeed engine when the weights are ZeRO-3 shards (gathered onto rank 0 first).
+    Written whole or not at all (`publish_export`: a temporary directory renamed into place, with
+    `export.json` = info inside). zero3_engine: the DeepSpeed engine when the weights are ZeRO-3
+    shards (gathered onto rank 0 first).
     """
     state = None
     if zero3_engine is not None:
         # Gather the ZeRO-3 shards onto rank 0 (layer by layer, to CPU); every rank must take part.
         state = zero3_engine._zero3_consolidated_16bit_state_dict()
     if dist_info.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            module.model.save_pretrained(str(output))
-        else:
-            model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-            module.model.save_pretrained(str(output), state_dict=model_state)
-        processor.save_pretrained(str(output))
-        if module.aligner is not None:
-            aligner = module.aligner
-            if state is not None:
-                aligner = PatchAligner(module.aligner.config)
-                aligner.load_state_dict(
-                    {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")}
-                )
-            aligner.save(output)
+
+        def write(directory: Path) -> None:
+            if state is None:
+                module.model.save_pretrained(str(directory))
+            else:
+                model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+                module.model.save_pretrained(str(directory), state_dict=model_state)
+            processor.save_pretrained(str(directory))
+            if module.aligner is not None:
+                aligner = module.aligner
+                if state is not None:
+                    aligner = PatchAligner(module.aligner.config)
+                    aligner.load_state_dict(
+                        {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")}
+                    )
+                aligner.save(directory)
+
+        publish_export(output, write, info)
         logger.info("exported %s", output)
     barrier()
+
+
+OPTIM_HPARAMS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, scheduler: Any, hparams: list[dict[str, Any]]) -> None:
+    """Set each group's AdamW hyper-parameters and peak LR, and its LR at the scheduler's current step."""
+    for group, values in zip(optimizer.param_groups, hparams):
+        group.update(values)
+    scheduler.base_lrs = [h["initial_lr"] for h in hparams]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
 
 
 def endless(loader) -> Iterator[dict[str, torch.Tensor]]:
