@@ -1,7 +1,8 @@
 """Stage 1, LLM-guided pre-aligning: PEL, projector and aligning layer train; the LLM is frozen.
 
 make pretrain-stage1                      # the tiny CPU default (configs/tiny/stage1.yaml)
-python train/pretrain_stage1.py --config configs/tiny/stage1.yaml --optim.lr 1e-4 --resume
+python train/pretrain_stage1.py --config configs/tiny/stage1.yaml --optim.lr 1e-4 --train.output_dir runs/lr1e-4
+python train/pretrain_stage1.py --config configs/tiny/stage1.yaml --resume   # continue its run
 python -m train.pretrain_stage1 --config configs/tiny/stage1.yaml   # the same, as a module
 torchrun --nproc-per-node 2 train/pretrain_stage1.py --config ... --train.deepspeed configs/deepspeed/zero3.json
 deepspeed --num_gpus 8 train/pretrain_stage1.py --config configs/eve7b/stage1.yaml

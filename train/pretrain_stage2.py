@@ -1,7 +1,8 @@
 """Stage 2, generative pre-training: everything but the teacher trains, from stage 1's export.
 
 make pretrain-stage2                      # the tiny CPU default (configs/tiny/stage2.yaml)
-python train/pretrain_stage2.py --config configs/tiny/stage2.yaml --optim.lr 1e-4 --resume
+python train/pretrain_stage2.py --config configs/tiny/stage2.yaml --optim.lr 1e-4 --train.output_dir runs/lr1e-4
+python train/pretrain_stage2.py --config configs/tiny/stage2.yaml --resume   # continue its run
 python -m train.pretrain_stage2 --config configs/tiny/stage2.yaml   # the same, as a module
 torchrun --nproc-per-node 2 train/pretrain_stage2.py --config ... --train.deepspeed configs/deepspeed/zero3.json
 deepspeed --num_gpus 8 train/pretrain_stage2.py --config configs/eve7b/stage2.yaml

@@ -1,7 +1,8 @@
 """Stage 3, supervised fine-tuning: everything but the teacher trains, from stage 2's export.
 
 make sft                      # the tiny CPU default (configs/tiny/sft.yaml)
-python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --resume
+python train/sft.py --config configs/tiny/sft.yaml --optim.lr 1e-4 --train.output_dir runs/lr1e-4
+python train/sft.py --config configs/tiny/sft.yaml --resume   # continue its run
 python -m train.sft --config configs/tiny/sft.yaml   # the same, as a module
 torchrun --nproc-per-node 2 train/sft.py --config ... --train.deepspeed configs/deepspeed/zero3.json
 deepspeed --num_gpus 8 train/sft.py --config configs/eve7b/sft.yaml
