@@ -15,6 +15,7 @@ from eve.inference import generate_all, load_model
 
 from .common import (
     Record,
+    check_kept,
     decode_image,
     get_rank,
     read_jsonl,
@@ -227,6 +228,17 @@ def run(cfg: CurationConfig) -> None:
                     rows[j]["status"] = "caption_low_similarity"
         counts.update(r["status"] for r in rows)
         write_jsonl_atomic(part_path(cfg.out, p), rows)
+    # Parts finished before an interruption count too; no _SUCCESS when nothing is kept, so a re-run
+    # (after deleting captions/ with other caption settings) is not taken as done.
+    status = Counter(r["status"] for p in range(n_parts) for r in read_jsonl(part_path(cfg.out, p)))
+    check_kept(
+        "captions",
+        status["ok"],
+        f"{len(sel)} selected",
+        status,
+        f"check the captions of the sources (captions.mode {cfg.captions.mode!r}) and the captions.* "
+        f"filter settings, then delete {cfg.out / 'captions'} and re-run",
+    )
     write_json_atomic(done, {"parts": n_parts, "selected": len(sel)})
     logger.info("captions: %d selected, %s", len(sel), dict(counts))
     record_timing(cfg.out, "captions", time.time() - t0, images=len(sel))

@@ -139,6 +139,21 @@ class Record:
         return self.path if self.offset < 0 else f"{self.path} (member of {self.key})"
 
 
+class NothingKeptError(ValueError):
+    """A step dropped every image, so the curation would write no sample; the message names the step,
+    its counts by reason and the setting to look at. `python -m data_curation.run` exits with it."""
+
+
+def check_kept(step: str, kept: int, seen: str, dropped: dict[str, int], fix: str) -> None:
+    """Raise NothingKeptError when `step` kept no image; `seen` says what it was given ("12 scanned")."""
+    if kept > 0:
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()) if v) or "no reason recorded"
+    raise NothingKeptError(
+        f"curation kept no image: the {step} step dropped every image ({seen}; {reasons}); {fix}"
+    )
+
+
 class ImageDecodeError(ValueError):
     """An image file cannot be decoded; the message names the file."""
 

@@ -6,6 +6,7 @@ overrides by `eve.config_loader`.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,10 @@ from typing import Any
 
 from eve import config_loader
 from eve.console import setup_logging
+
+from .common import NothingKeptError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -218,4 +223,8 @@ def step_main(run: Callable[[CurationConfig], None], argv: list[str] | None) -> 
     """The command line of one step: logging, `--config X [overrides]`, then `run(cfg)`."""
     setup_logging()
     cfg, _ = parse_step_args(argv)
-    run(cfg)
+    try:
+        run(cfg)
+    except NothingKeptError as e:  # an outcome of the data, not a bug: the message without a traceback
+        logger.error("%s", e)
+        raise SystemExit(1) from e

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from .common import (
     ImageDecodeError,
     Record,
+    check_kept,
     decode_image,
     get_rank,
     my_shards,
@@ -223,6 +225,14 @@ def run(cfg: CurationConfig) -> None:
     t0 = time.time()
     shards = load_scan(cfg)
     filt = load_filter(cfg, len(shards))
+    status = Counter(r["status"] for rows in filt for r in rows)
+    check_kept(
+        "filter",
+        status["ok"],
+        f"{status.total()} scanned",
+        status,
+        f"lower filter.min_side (now {cfg.filter.min_side}) or check the sources and the warnings above",
+    )
     _check_meta(cfg)
     todo = [i for i in my_shards(len(shards)) if not feature_paths(cfg.out, i)[1].exists()]
     if not todo:

@@ -14,7 +14,7 @@ import time
 from eve.console import setup_logging
 
 from . import captions, cluster, embed, filter, report, selection, shard, sources
-from .common import get_rank
+from .common import NothingKeptError, get_rank
 from .config import CurationConfig, parse_step_args
 
 # The pipeline, in order: (name, step module). Each module also runs alone: python -m data_curation.<module>.
@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m data_curation.run --config X [--steps scan,filter] [--section.key value ...]`."""
     setup_logging()
     cfg, flags = parse_step_args(argv, flags=("steps",))
-    run(cfg, flags["steps"].split(",") if "steps" in flags else None)
+    try:
+        run(cfg, flags["steps"].split(",") if "steps" in flags else None)
+    except NothingKeptError as e:  # an outcome of the data, not a bug: the message without a traceback
+        logger.error("%s", e)
+        raise SystemExit(1) from e
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import logging
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .captions import load_captions
-from .common import Record, atomic_path, decode_image, get_rank, record_timing, write_jsonl_atomic
+from .common import Record, atomic_path, check_kept, decode_image, get_rank, record_timing, write_jsonl_atomic
 from .config import CurationConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
@@ -78,7 +79,10 @@ def run(cfg: CurationConfig) -> None:
     shards = load_scan(cfg)
     filt = {r["key"]: r for rows in load_filter(cfg, len(shards)) for r in rows}
     by_key = {r.key: r for s in shards for r in s}
-    rows = [r for r in load_captions(cfg) if r["status"] == "ok"]
+    captioned = load_captions(cfg)
+    rows = [r for r in captioned if r["status"] == "ok"]
+    status = Counter(r["status"] for r in captioned)
+    check_kept("captions", len(rows), f"{len(captioned)} selected", status, "see the captions step's log")
     if cfg.shard.shuffle:
         rows = [rows[i] for i in np.random.default_rng(cfg.seed).permutation(len(rows))]
     per = cfg.shard.samples_per_shard

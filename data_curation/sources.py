@@ -14,6 +14,7 @@ from pathlib import Path
 from eve.image_processing_eve import IMAGE_EXTENSIONS
 
 from .common import (
+    NothingKeptError,
     Record,
     get_rank,
     read_jsonl,
@@ -221,6 +222,11 @@ def run(cfg: CurationConfig) -> None:
         raise ValueError("the config lists no sources; add sources: [{type: folder|wds|jsonl, path: ...}]")
     t0 = time.time()
     shards = scan_sources(cfg)
+    if not shards:
+        raise NothingKeptError(
+            f"curation kept no image: the scan step found no image file ({', '.join(IMAGE_EXTENSIONS)}) "
+            f"in the sources {[s.path for s in cfg.sources]}; fix sources[].path (or scan.max_images)"
+        )
     for i, recs in enumerate(shards):
         write_jsonl_atomic(shard_path(cfg.out, i), [r.to_json() for r in recs])
     n = sum(len(s) for s in shards)

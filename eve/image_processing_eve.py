@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import BinaryIO, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
 
 from eve.configuration_eve import CLIP_MEAN, CLIP_STD
@@ -44,8 +44,22 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+# Largest source image accepted, in pixels (width x height, before any resize). The model resizes
+# every image to max_image_size, but the source is decoded first: a 12,000 x 12,000 photo costs
+# seconds and ~430 MB as RGB. Pillow's own bomb limit (~89 Mpx warns, ~179 Mpx fails) is higher.
+MAX_PIXELS = 50_000_000
+
+
 class ImageLoadError(ValueError):
     """An image cannot be used: missing, unreadable, truncated, empty or of an unknown mode (names the file)."""
+
+
+class ImageNotFoundError(ImageLoadError):
+    """The image file does not exist."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The source image has more pixels than allowed (refused from its header, before decoding)."""
 
 
 def _describe(image: ImageInput, index: int | None = None) -> str:
@@ -89,30 +103,70 @@ def to_rgb(image: Image.Image, name: str = "<in-memory image>") -> Image.Image:
         ) from err
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file fully (so truncation shows here) and return it upright in RGB; ImageLoadError names it."""
-    name = os.fspath(path)
+def open_image(
+    fp: str | os.PathLike | BinaryIO, name: str | None = None, max_pixels: int | None = MAX_PIXELS
+) -> Image.Image:
+    """Open an image file (path or binary file object) and decode it fully, as stored (no mode change).
+
+    The size in the header is checked against `max_pixels` (None: no limit) before any pixel is
+    decoded. Errors are ImageLoadError subclasses naming `name` (default: the path).
+    """
+    name = name or _describe(fp)
     try:
-        with Image.open(name) as image:
-            image.load()
-            return to_rgb(image, name)
-    except ImageLoadError:
-        raise
+        image = Image.open(fp)
     except FileNotFoundError as err:
-        raise ImageLoadError(
+        raise ImageNotFoundError(
             f"Image file {name} does not exist; check the path and the image folder."
         ) from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(
+            f"Image {name} is larger than Pillow's decompression-bomb limit ({err}); downscale the file "
+            "or drop the sample."
+        ) from err
+    except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+        raise ImageLoadError(
+            f"Cannot read image {name} ({type(err).__name__}: {err}); the file is corrupt or not an image: "
+            "replace it or drop the sample."
+        ) from err
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise ImageTooLargeError(
+            f"Image {name} is {width} x {height} = {width * height:,} pixels, more than max_pixels "
+            f"{max_pixels:,}; it is refused before decoding (decoding costs ~{3 * width * height / 2**20:,.0f} "
+            "MB and seconds for an image the model shrinks anyway): downscale the file, drop the sample, "
+            "or raise the limit (data.max_pixels)."
+        )
+    try:
+        image.load()  # decode now: corrupt or truncated files fail here, not later in the model
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+        image.close()
         raise ImageLoadError(
             f"Cannot read image {name} ({type(err).__name__}: {err}); the file is corrupt, truncated or "
             "not an image: replace it or drop the sample."
         ) from err
+    return image
 
 
-def as_rgb_image(image: ImageInput, index: int | None = None) -> Image.Image:
-    """Any accepted image input (path, PIL image, uint8 array HxW / HxWx3 / HxWx4) as an upright RGB image."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Read an image file fully (so truncation shows here) and return it upright in RGB; ImageLoadError names it.
+
+    Sources over `max_pixels` pixels (None: no limit) are refused before decoding (ImageTooLargeError).
+    """
+    name = os.fspath(path)
+    with open_image(name, name, max_pixels) as image:  # the exit closes the file, not the pixels
+        return to_rgb(image, name)
+
+
+def as_rgb_image(
+    image: ImageInput, index: int | None = None, max_pixels: int | None = MAX_PIXELS
+) -> Image.Image:
+    """Any accepted image input (path, PIL image, uint8 array HxW / HxWx3 / HxWx4) as an upright RGB image.
+
+    `max_pixels` applies to paths (read here); images already in memory are taken as they are.
+    """
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, max_pixels)
     if isinstance(image, np.ndarray):
         if (
             image.dtype != np.uint8

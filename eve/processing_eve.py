@@ -115,8 +115,8 @@ class EveProcessor:
         """Preprocess images; returns the features and each image's token run length."""
         try:
             features = self.image_processor.preprocess(list(images))
-        except ImageLoadError as err:
-            raise ImageLoadError(f"{sample}: {err}") from err
+        except ImageLoadError as err:  # the same class (e.g. ImageTooLargeError), now naming the sample
+            raise type(err)(f"{sample}: {err}") from err
         runs = [self.image_processor.num_image_tokens(int(h), int(w)) for h, w in features["image_grid_hw"]]
         return features, runs
 
@@ -139,9 +139,9 @@ class EveProcessor:
         sample = f"sample {sample_id}" if sample_id is not None else "sample"
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"{sample}: empty conversation; expected a list of {{'from', 'value'}} turns.")
-        n_placeholders = sum(
-            turn.get("value", "").count(IMAGE_PLACEHOLDER) for turn in conversations if isinstance(turn, dict)
-        )
+        # Malformed turns (a non-string value, no 'from') are reported by conversation_to_pieces below.
+        values = [turn.get("value") for turn in conversations if isinstance(turn, dict)]
+        n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for v in values if isinstance(v, str))
         want = 0 if image is None else 1
         if n_placeholders != want:
             raise ValueError(

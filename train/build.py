@@ -30,7 +30,7 @@ from train.config import RunConfig
 from train.data import DataOptions, EveDataLoader, build_dataloader
 from train.distributed import DistInfo
 from train.packing import DummyImage
-from train.records import expand_shards
+from train.records import expand_shards, load_json_records
 from train.stages import Stage, get_stage
 from train.teacher import TeacherSet
 
@@ -174,9 +174,14 @@ def build_train_loader(
     model_config: EveConfig,
     teachers: TeacherSet,
     dist_info: DistInfo,
+    log_dir: str | Path | None = None,
 ) -> EveDataLoader:
-    """This rank's resumable loader of micro-batches (train/data.py), with teacher views and dummy images."""
-    dc = config.data
+    """This rank's resumable loader of micro-batches (train/data.py), with teacher views and dummy images.
+
+    log_dir: the run's output directory, where the records skipped in the first epoch are listed
+    (`skipped.jsonl`, `skipped.rank{r}.jsonl` with several ranks); None: not written.
+    """
+    dc, tc = config.data, config.train
     options = DataOptions(
         shards=list(dc.shards),
         json=dc.json,
@@ -190,6 +195,7 @@ def build_train_loader(
         shuffle=dc.shuffle,
         seed=config.train.seed,
         max_samples=dc.max_samples,
+        max_pixels=dc.max_pixels,
     )
     views = list(teachers.views)
     # Image-free micro-batches get a zero-weight dummy image, so that the PEL, the aligning heads and
@@ -204,23 +210,28 @@ def build_train_loader(
         num_workers=dc.workers,
         teacher_views=views,
         dummy_image=dummy,
+        # The run's length, for the end-of-epoch line on what it means over the good samples; a
+        # max_steps run with a token budget per batch has no sample count to state.
+        epochs=tc.epochs if tc.max_steps is None else None,
+        total_samples=(
+            tc.max_steps * tc.global_batch_size
+            if tc.max_steps is not None and dc.tokens_per_batch is None
+            else None
+        ),
+        log_dir=log_dir,
     )
 
 
 def count_records(config: RunConfig) -> int:
     """Training records per epoch (before bad ones are skipped), for `epochs`-based step counts.
 
-    LLaVA JSON: its entries. Shards: the curation's manifest.jsonl beside them (its "shard" field),
-    else tar headers are read (a full pass over the files: only for small sets).
+    LLaVA JSON: its records, read by the loader's own reader (train/records.py), so that a broken
+    file gets the same error naming it and the fix. Shards: the curation's manifest.jsonl beside them
+    (its "shard" field), else tar headers are read (a full pass over the files: only for small sets).
     """
     dc = config.data
     if dc.json is not None:
-        text = Path(dc.json).read_text()
-        n = (
-            sum(1 for line in text.splitlines() if line.strip())
-            if dc.json.endswith(".jsonl")
-            else len(json.loads(text))
-        )
+        n = len(load_json_records(dc.json, dc.image_root))
         return n if dc.max_samples is None else min(n, dc.max_samples)
     shards = [Path(p) for p in expand_shards(dc.shards)]
     per_shard: dict[Path, int] = {}

@@ -82,6 +82,9 @@ class DataConfig:
     then `train.grad_accum` must be given and `train.global_batch_size` is not checked."""
     max_samples: int | None = None
     """Use only the first N samples (quick runs)."""
+    max_pixels: int | None = 50_000_000
+    """Largest source image in pixels, read from its header before decoding; larger ones are skipped
+    and counted as `image_too_large` (None: only Pillow's own decompression-bomb limit)."""
 
 
 @dataclass

@@ -21,27 +21,37 @@ Pipeline (one `EveDataset` per rank, iterated by DataLoader workers):
    worker count, seed and window are required (checked).
 
 Bad records (never fatal, always counted; `stats()` and a summary at the end of each epoch):
-corrupt / missing image, broken JSON (a .jsonl line or a tar .json member), no or two <image>,
+corrupt / missing image, image over `max_pixels` (refused before decoding), broken JSON (a .jsonl
+line or a tar .json member), malformed conversation turns, caption not UTF-8, no or two <image>,
 over-long (> max_length tokens), image path escaping the image root (.. or absolute), records
-without caption or conversations, truncated tar shard (the shard's remainder is skipped).
+without caption or conversations, truncated tar shard (the shard's remainder is skipped). Each
+skipped record of the first epoch is written to `skipped.jsonl` in the run directory (`log_dir`),
+and every epoch ends with its count of good samples and what `train.epochs` means over them.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from eve.image_processing_eve import ImageLoadError
+from eve.image_processing_eve import (
+    MAX_PIXELS,
+    ImageLoadError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    open_image,
+)
 from train.packing import Collator, plan_batches
-from train.records import BadSample, Record, expand_shards, iter_tar_records, load_json_records
+from train.records import BadSample, Record, Skips, expand_shards, iter_tar_records, load_json_records
 from train.teacher import teacher_keys
 
 logger = logging.getLogger(__name__)
@@ -79,6 +89,9 @@ class DataOptions:
     """Use only the first N records (before sharding)."""
     drop_text_only: bool = False
     """Skip samples without an image (counted as 'text_only_dropped')."""
+    max_pixels: int | None = MAX_PIXELS
+    """Largest source image in pixels (width x height), read from the file's header before decoding;
+    larger ones are skipped as 'image_too_large' (None: no limit but Pillow's bomb check)."""
 
 
 class SampleEncoder:
@@ -99,14 +112,15 @@ class SampleEncoder:
             conversations = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": rec.caption}]
         image = None
         if rec.image_path is not None or rec.image_bytes is not None:
-            try:
-                fp = rec.image_path if rec.image_path is not None else io.BytesIO(rec.image_bytes)
-                image = Image.open(fp)
-                image.load()  # decode now: corrupt or truncated files fail here, not in the model
-            except FileNotFoundError as e:
-                raise BadSample("missing_image", f"{rec.source}: image file not found: {e}") from e
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
-                raise BadSample("corrupt_image", f"{rec.source}: image cannot be decoded: {e}") from e
+            fp = rec.image_path if rec.image_path is not None else io.BytesIO(rec.image_bytes)
+            try:  # decoded now (size checked first): bad files fail here, not in the model
+                image = open_image(fp, rec.image_path or rec.source, self.options.max_pixels)
+            except ImageNotFoundError as e:
+                raise BadSample("missing_image", f"{rec.source}: {e}") from e
+            except ImageTooLargeError as e:
+                raise BadSample("image_too_large", f"{rec.source}: {e}") from e
+            except ImageLoadError as e:
+                raise BadSample("corrupt_image", f"{rec.source}: {e}") from e
         elif self.options.drop_text_only:
             raise BadSample("text_only_dropped", f"{rec.source}: text-only sample dropped")
         try:
@@ -177,7 +191,7 @@ class EveDataset(IterableDataset):
         n_workers = max(self.num_workers, 1)
         return self.rank * n_workers + worker, self.world_size * n_workers
 
-    def _records(self, worker: int, stats: Counter) -> Iterator[Record]:
+    def _records(self, worker: int, stats: Skips) -> Iterator[Record]:
         """This worker's records of the epoch, in order."""
         c, n = self._consumer(worker)
         rng = random.Random(f"{self.options.seed}-{self.epoch}")
@@ -205,7 +219,7 @@ class EveDataset(IterableDataset):
             return
         i = 0
         for shard in shards:
-            for rec in iter_tar_records(shard, stats if c == 0 else Counter()):  # count a shard once
+            for rec in iter_tar_records(shard, stats if c == 0 else Skips()):  # count a shard once
                 if self.options.max_samples is not None and i >= self.options.max_samples:
                     return
                 if i % n == c:
@@ -213,7 +227,7 @@ class EveDataset(IterableDataset):
                 i += 1
 
     # --- windows and batches -------------------------------------------------------------------
-    def _windows(self, worker: int, stats: Counter) -> Iterator[list[Record]]:
+    def _windows(self, worker: int, stats: Skips) -> Iterator[list[Record]]:
         window: list[Record] = []
         for rec in self._records(worker, stats):
             window.append(rec)
@@ -223,7 +237,7 @@ class EveDataset(IterableDataset):
         if window:
             yield window
 
-    def _plan(self, window: list[Record], stats: Counter, seed: str) -> tuple[list[Record], list]:
+    def _plan(self, window: list[Record], stats: Skips, seed: str) -> tuple[list[Record], list]:
         """Encode a window for lengths (bad records counted), plan and shuffle its batches."""
         good, lengths = [], []
         for rec in window:
@@ -231,11 +245,12 @@ class EveDataset(IterableDataset):
                 lengths.append(self.encoder(rec, with_pixels=False)["length"])
                 good.append(rec)
             except BadSample as e:
-                stats[e.reason] += 1
+                stats.add(e.reason, rec.source, str(e))
                 logger.debug("skipped %s", e)
             except Exception as e:  # an unexpected failure must not stop a long run: count and log it
-                stats["encode_error"] += 1
-                logger.warning("%s: could not be encoded (%s: %s); skipped", rec.source, type(e).__name__, e)
+                message = f"{rec.source}: could not be encoded ({type(e).__name__}: {e}); skipped"
+                stats.add("encode_error", rec.source, message)
+                logger.warning("%s", message)
         o = self.options
         batches = plan_batches(
             lengths,
@@ -259,7 +274,7 @@ class EveDataset(IterableDataset):
         pos = self.positions[worker]
         if pos.finished:
             return
-        stats: Counter = Counter()
+        stats = Skips()  # reported with the next batch handed out (counts and skipped.jsonl lines)
         c, _ = self._consumer(worker)
         for w_idx, window in enumerate(self._windows(worker, stats)):
             if w_idx < pos.windows_done:
@@ -279,10 +294,13 @@ class EveDataset(IterableDataset):
                         try:
                             samples.append(self.encoder(good[i]))
                         except BadSample as e:  # deterministic encoders never get here
-                            stats[e.reason] += 1
+                            stats.add(e.reason, good[i].source, str(e))
                         except Exception as e:
-                            stats["encode_error"] += 1
-                            logger.warning("%s: could not be encoded (%s); skipped", good[i].source, e)
+                            message = (
+                                f"{good[i].source}: could not be encoded ({type(e).__name__}: {e}); skipped"
+                            )
+                            stats.add("encode_error", good[i].source, message)
+                            logger.warning("%s", message)
                     if samples:
                         rows.append(samples)
                 if not rows:
@@ -294,7 +312,8 @@ class EveDataset(IterableDataset):
                     "batch": b_idx,
                     "last_in_window": b_idx == len(batches) - 1,
                     "samples": sum(len(r) for r in batch_rows),
-                    "stats": dict(stats),
+                    "stats": dict(stats.counts),
+                    "skipped": list(stats.lines),
                 }
                 stats.clear()
                 yield batch
@@ -307,27 +326,57 @@ class EveDataset(IterableDataset):
                         "batch": -1,
                         "last_in_window": True,
                         "samples": 0,
-                        "stats": dict(stats),
+                        "stats": dict(stats.counts),
+                        "skipped": list(stats.lines),
                     }
                 }
                 stats.clear()
-        yield {_META: {"worker": worker, "end": True, "stats": dict(stats)}}
+        yield {
+            _META: {"worker": worker, "end": True, "stats": dict(stats.counts), "skipped": list(stats.lines)}
+        }
+
+
+# Counted per shard, not per record: not part of an epoch's record count.
+_NOT_RECORDS = ("truncated_shard",)
+
+
+def skipped_file(log_dir: str | Path, rank: int = 0, world_size: int = 1) -> Path:
+    """This rank's list of skipped records in a run directory: skipped.jsonl, or skipped.rank{r}.jsonl."""
+    return Path(log_dir) / ("skipped.jsonl" if world_size == 1 else f"skipped.rank{rank}.jsonl")
 
 
 class EveDataLoader:
     """A DataLoader over an EveDataset with deterministic order, resumable position and bad-sample stats."""
 
     def __init__(
-        self, dataset: EveDataset, pin_memory: bool = False, prefetch_factor: int | None = 2
+        self,
+        dataset: EveDataset,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        *,
+        epochs: float | None = None,
+        total_samples: int | None = None,
+        skipped_path: str | Path | None = None,
     ) -> None:
         self.dataset = dataset
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor if dataset.num_workers > 0 else None
+        self.epochs = epochs
+        """`train.epochs` of an epochs-based run: each epoch's end says how many passes over its good
+        samples that really is (bad records are in the step count, not in the data)."""
+        self.total_samples = total_samples
+        """Samples the whole run consumes, all ranks together (a max_steps run: steps x global batch);
+        used for the same end-of-epoch line when `epochs` is None."""
+        self.skipped_path = Path(skipped_path) if skipped_path is not None else None
+        """File that gets one JSON line {source, reason, message} per record skipped in the first epoch."""
         self.samples_consumed = 0
         """Samples handed out this epoch."""
         self.last_batch_samples = 0
         """Samples in the batch most recently handed out."""
         self._stats: Counter = Counter()
+        self._epoch_stats: Counter = Counter()  # skipped this epoch, by reason
+        self._skipped_lines: int | None = 0  # lines of skipped_path this run wrote (None: unknown)
+        self._skipped_synced = False
         self._next_worker = 0
 
     def stats(self) -> dict[str, int]:
@@ -342,6 +391,54 @@ class EveDataLoader:
             logger.warning("data: skipped %d bad records this run (%s)", total, detail)
         else:
             logger.info("data: no bad records")
+
+    def log_epoch(self) -> None:
+        """Log the epoch's good samples and records, and what the configured length means over them."""
+        ds = self.dataset
+        good = self.samples_consumed
+        skipped = sum(v for k, v in self._epoch_stats.items() if k not in _NOT_RECORDS)
+        records = good + skipped
+        where = f"epoch {ds.epoch + 1}" + (
+            f" (rank {ds.rank} of {ds.world_size})" if ds.world_size > 1 else ""
+        )
+        line = f"{where}: {good:,} good samples of {records:,} records ({skipped:,} skipped)"
+        if good == 0:
+            logger.warning("data: %s: no good sample at all; see the skipped-record counts", line)
+            return
+        if self.epochs is not None:
+            # The step count is epochs x records, so the good data is seen epochs x records / good times.
+            passes = self.epochs * records / good
+            line += f": train.epochs {self.epochs:g} is {passes:.2f} passes over the good data"
+        elif self.total_samples is not None:
+            per_rank = self.total_samples / ds.world_size
+            on_rank = f" ({per_rank:,.0f} on this rank)" if ds.world_size > 1 else ""
+            line += (
+                f": the run's {self.total_samples:,} samples{on_rank} are {per_rank / good:.2f} passes "
+                "over the good data"
+            )
+        (logger.warning if skipped else logger.info)("data: %s", line)
+
+    def _sync_skipped_file(self) -> None:
+        """Keep only the lines this run's position accounts for: a resumed run drops the lines written
+        after its checkpoint (their batches come again), a fresh run those of an earlier run."""
+        self._skipped_synced = True
+        path = self.skipped_path
+        if path is None or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if self._skipped_lines is None:  # a checkpoint from before skipped.jsonl: keep the file as it is
+            self._skipped_lines = len(lines)
+        elif len(lines) > self._skipped_lines:
+            path.write_text("".join(lines[: self._skipped_lines]), encoding="utf-8")
+
+    def _write_skipped(self, entries: list[dict]) -> None:
+        """Append one JSON line per skipped record (first epoch only: later epochs skip the same ones)."""
+        if self.skipped_path is None or not entries or self.dataset.epoch != 0:
+            return
+        self.skipped_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.skipped_path, "a", encoding="utf-8") as f:  # ASCII JSON: any file name is safe
+            f.write("".join(json.dumps(e) + "\n" for e in entries))
+        self._skipped_lines = (self._skipped_lines or 0) + len(entries)
 
     def _loader(self) -> DataLoader:
         ds = self.dataset
@@ -360,6 +457,8 @@ class EveDataLoader:
         n_workers = max(ds.num_workers, 1)
         queues: dict[int, list[dict]] = {w: [] for w in range(n_workers)}
         ended = {w for w in range(n_workers) if ds.positions[w].finished}
+        if not self._skipped_synced:
+            self._sync_skipped_file()
         it = iter(self._loader())
         while len(ended) < n_workers:
             w = self._next_worker
@@ -374,6 +473,8 @@ class EveDataLoader:
             item = queues[w].pop(0)
             meta = item.pop(_META)
             self._stats.update(meta["stats"])
+            self._epoch_stats.update(meta["stats"])
+            self._write_skipped(meta["skipped"])
             pos = ds.positions[w]
             if meta.get("end"):
                 pos.finished = True
@@ -390,10 +491,12 @@ class EveDataLoader:
             self.samples_consumed += meta["samples"]
             self.last_batch_samples = meta["samples"]
             yield item
+        self.log_epoch()
         self.log_summary()
         ds.epoch += 1
         ds.positions = [WorkerPosition() for _ in range(n_workers)]
         self.samples_consumed = 0
+        self._epoch_stats.clear()
         self._next_worker = 0
 
     def state_dict(self) -> dict:
@@ -405,6 +508,8 @@ class EveDataLoader:
             "next_worker": self._next_worker,
             "positions": [vars(p).copy() for p in ds.positions],
             "stats": dict(self._stats),
+            "epoch_stats": dict(self._epoch_stats),
+            "skipped_lines": self._skipped_lines,
             "layout": {
                 "world_size": ds.world_size,
                 "num_workers": ds.num_workers,
@@ -432,6 +537,9 @@ class EveDataLoader:
         self.samples_consumed = state["samples_consumed"]
         self._next_worker = state["next_worker"]
         self._stats = Counter(state["stats"])
+        self._epoch_stats = Counter(state.get("epoch_stats", {}))  # absent in older checkpoints
+        self._skipped_lines = state.get("skipped_lines")
+        self._skipped_synced = False
 
 
 def build_dataloader(
@@ -443,12 +551,17 @@ def build_dataloader(
     num_workers: int = 0,
     teacher_views: list | None = None,
     dummy_image=None,
+    epochs: float | None = None,
+    total_samples: int | None = None,
+    log_dir: str | Path | None = None,
 ) -> EveDataLoader:
     """The engine's entry point: dataset + collator + loader for one rank.
 
     teacher_views: `TeacherSet.views` (one teacher tensor pair per distinct view); dummy_image:
     `DummyImage.from_config(model_config, [v.size for v in views])` under ZeRO-3 (or always: it
-    costs 3 tokens on image-free batches only).
+    costs 3 tokens on image-free batches only). epochs / total_samples: the run's length, for the
+    end-of-epoch line (see `EveDataLoader`). log_dir: the run directory, where this rank's skipped
+    records are written (`skipped_file`); None: not written.
     """
     views = list(teacher_views or [])
     collator = Collator(
@@ -458,4 +571,9 @@ def build_dataloader(
         num_teacher_views=len(views),
     )
     encoder = SampleEncoder(processor, options, views)
-    return EveDataLoader(EveDataset(options, encoder, collator, rank, world_size, num_workers))
+    return EveDataLoader(
+        EveDataset(options, encoder, collator, rank, world_size, num_workers),
+        epochs=epochs,
+        total_samples=total_samples,
+        skipped_path=None if log_dir is None else skipped_file(log_dir, rank, world_size),
+    )

@@ -259,7 +259,9 @@ def train(config: RunConfig) -> Path:
     log_parameter_counts(stage, groups)
     torch.manual_seed(tc.seed + dist_info.rank)  # per-rank randomness from here on
 
-    loader = build_train_loader(config, stage, processor, model.config, teachers, dist_info)
+    loader = build_train_loader(
+        config, stage, processor, model.config, teachers, dist_info, log_dir=output_dir
+    )
     steps = total_steps(config)
     optimizer, scheduler = build_optimizer(config, param_groups, steps)
     ds_engine, ds_config = None, None

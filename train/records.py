@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eve.image_processing_eve import IMAGE_EXTENSIONS
+from eve.templates import GPT, HUMAN
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,26 @@ class BadSample(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class Skips:
+    """Bad records met since the last report: counts by reason and one line per skipped record."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        """Skipped records by reason (truncated_shard counts shards)."""
+        self.lines: list[dict] = []
+        """{"source", "reason", "message"} of each skip, in the order met."""
+
+    def add(self, reason: str, source: str, message: str) -> None:
+        """Count one skip and remember where it was."""
+        self.counts[reason] += 1
+        self.lines.append({"source": source, "reason": reason, "message": message})
+
+    def clear(self) -> None:
+        """Forget everything (after a report, or for work counted before a resume)."""
+        self.counts.clear()
+        self.lines.clear()
 
 
 @dataclass
@@ -68,10 +89,40 @@ def resolve_image(root: Path, rel: Any, source: str) -> Record | None:
     return None
 
 
+def conversation_problem(conversations: list, source: str) -> BadSample | None:
+    """A BadSample when the turns are not {'from': 'human'|'gpt', 'value': str} dicts, else None.
+
+    Checked when the record is read, so that a malformed turn is counted as bad_conversation with the
+    record's name instead of failing inside the processor; the order of turns is the template's check.
+    """
+    if not conversations:
+        return BadSample("bad_conversation", f"{source}: empty 'conversations' list")
+    for i, turn in enumerate(conversations):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("from") not in (HUMAN, GPT)
+            or not isinstance(turn.get("value"), str)
+        ):
+            shown = repr(turn)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            return BadSample(
+                "bad_conversation",
+                f"{source}: turn {i} must be {{'from': '{HUMAN}' or '{GPT}', 'value': a string}}, got {shown}",
+            )
+    return None
+
+
 def load_json_records(path: str, image_root: str | None) -> list[Record]:
-    """All records of a LLaVA JSON list or JSON-lines file (broken lines become bad records)."""
+    """All records of a LLaVA JSON list or JSON-lines file (broken lines become bad records).
+
+    The one reader of training JSON: the loader and the engine's record count (`train.build`) both
+    use it. A file that is not JSON at all (or not UTF-8) is a ValueError naming it and the fix.
+    """
     root = Path(image_root) if image_root else Path(path).parent
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); re-encode the file as UTF-8") from e
     entries: list[tuple[str, Any]] = []
     if path.endswith(".jsonl"):
         for i, line in enumerate(text.splitlines()):
@@ -102,6 +153,10 @@ def load_json_records(path: str, image_root: str | None) -> list[Record]:
             records.append(
                 Record(source, error=BadSample("bad_record", f"{source}: no 'conversations' list"))
             )
+            continue
+        bad = conversation_problem(d["conversations"], source)
+        if bad is not None:
+            records.append(Record(source, error=bad))
             continue
         rec = Record(source, conversations=d["conversations"])
         if "image" in d:
@@ -136,14 +191,35 @@ def _record_from_group(shard: str, key: str, files: dict[str, bytes]) -> Record:
     source = f"{shard}:{key}"
     img_ext = next((e for e in IMAGE_EXTS if e in files), None)
     caption = None
-    if "txt" in files:
-        caption = files["txt"].decode("utf-8", errors="replace").strip()
-    elif "json" in files:
+    cap_ext = "txt" if "txt" in files else "json" if "json" in files else None
+    if cap_ext is not None:
+        # Strict UTF-8: a Latin-1 or binary caption would otherwise train as U+FFFD characters.
         try:
-            meta = json.loads(files["json"])
+            text = files[cap_ext].decode("utf-8-sig")  # strict; a leading BOM is dropped
+        except UnicodeDecodeError as e:
+            return Record(
+                source,
+                error=BadSample(
+                    "bad_caption_encoding",
+                    f"{source}.{cap_ext}: caption is not UTF-8 ({e}); re-encode it as UTF-8 or drop the sample",
+                ),
+            )
+        if cap_ext == "txt":
+            caption = text.strip()
+        else:
+            try:
+                meta = json.loads(text)
+            except json.JSONDecodeError as e:
+                return Record(source, error=BadSample("broken_json", f"{source}.json: {e}"))
             caption = meta.get("caption") if isinstance(meta, dict) else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return Record(source, error=BadSample("broken_json", f"{source}.json: {e}"))
+            if caption is not None and not isinstance(caption, str):
+                return Record(
+                    source,
+                    error=BadSample(
+                        "missing_caption",
+                        f"{source}.json: 'caption' must be a string, got {type(caption).__name__}",
+                    ),
+                )
     if img_ext is None:
         return Record(
             source, error=BadSample("missing_image", f"{source}: no image member ({'/'.join(IMAGE_EXTS)})")
@@ -163,7 +239,7 @@ def _has_end_marker(shard: str, end: int) -> bool:
     return len(tail) == 2 * tarfile.BLOCKSIZE and not any(tail)
 
 
-def iter_tar_records(shard: str, stats: Counter) -> Iterator[Record]:
+def iter_tar_records(shard: str, skips: Skips) -> Iterator[Record]:
     """Records of one tar shard in member order; a truncated/corrupt shard ends early and is counted."""
     key, files = None, {}
     end = 0  # byte offset after the last member's data (uncompressed tars)
@@ -185,8 +261,9 @@ def iter_tar_records(shard: str, stats: Counter) -> Iterator[Record]:
         if shard.endswith(".tar") and not _has_end_marker(shard, end):
             raise tarfile.ReadError("no end-of-archive marker after the last member")
     except (tarfile.TarError, EOFError, OSError) as e:
-        stats["truncated_shard"] += 1
-        logger.warning("%s: shard is truncated or corrupt (%s); skipping the rest of it", shard, e)
+        message = f"{shard}: shard is truncated or corrupt ({e}); the rest of it is skipped"
+        skips.add("truncated_shard", shard, message)
+        logger.warning("%s", message)
         return  # the incomplete last group is dropped with the shard's remainder
     if key is not None:
         yield _record_from_group(shard, key, files)

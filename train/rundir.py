@@ -48,7 +48,7 @@ MAY_CHANGE = (
 
 WORK = ("checkpoints", "metrics.jsonl", "export")
 """What a run leaves that another run must not take over: its checkpoints, metrics and export."""
-_ALSO_REMOVED = ("tb", "skipped.jsonl")
+_ALSO_REMOVED = ("tb", "skipped*.jsonl")  # glob patterns
 
 
 class RunDirError(ValueError):
@@ -102,11 +102,11 @@ def write_claim(output_dir: Path, run_id: str, overwrite: bool) -> None:
     """Rank 0: delete another run's work (only with overwrite, after `claim` allowed it) and write run.json."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and read_run_id(output_dir) != run_id:
-        for name in (*run_work(output_dir), *_ALSO_REMOVED):
-            path = output_dir / name
-            if path.exists():
-                logger.warning("train.overwrite: deleting %s of the previous run", path)
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        paths = [output_dir / name for name in run_work(output_dir)]
+        paths += [p for pattern in _ALSO_REMOVED for p in output_dir.glob(pattern)]
+        for path in paths:
+            logger.warning("train.overwrite: deleting %s of the previous run", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     info = {"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
     (output_dir / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")
 

@@ -520,3 +520,57 @@ def test_override_reaches_a_list_item():
     assert cfg.sources[0].path == "/elsewhere/sources.jsonl" and cfg.sources[0].type == "jsonl"
     with pytest.raises(ConfigError, match="'sources.5': '5' is not an index of the 1-item list"):
         load_config(REPO / "configs/curation/embedded.yaml", [("sources.5.path", "x")])
+
+
+def tiny_folder(root: Path, captions: list[str], side: int) -> Path:
+    """A folder source of len(captions) distinct one-colour side x side PNGs with their captions."""
+    folder = root / "folder"
+    folder.mkdir(parents=True)
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (side, side), (40 * i, 255 - 40 * i, 90)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+def tiny_overrides(folder: Path, out: Path, min_side: int) -> list[str]:
+    """One folder source, random efficientnet-lite0 at 32 px, 2 clusters."""
+    sources = json.dumps([{"type": "folder", "path": str(folder), "name": "folder"}])
+    return [
+        f"--out_dir={out}", f"--sources={sources}", f"--filter.min_side={min_side}",
+        "--filter.num_workers=0", "--embed.backend=timm", "--embed.model=efficientnet_lite0",
+        "--embed.image_size=32", "--embed.num_workers=0", "--cluster.k=2", "--cluster.iterations=2",
+        "--barrier_timeout_s=60",
+    ]  # fmt: skip
+
+
+def test_curation_that_keeps_nothing_fails_naming_the_step(tmp_path):
+    """A size filter that drops every image: `python -m data_curation.run` exits non-zero with a message
+    naming the filter step and the counts by reason, and writes no shards."""
+    folder = tiny_folder(tmp_path / "src", ["A red square.", "A green square.", "A blue square."], 20)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_curation.run", *tiny_overrides(folder, out, 448)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "the filter step dropped every image" in proc.stderr, proc.stderr[-2000:]
+    assert "3 scanned" in proc.stderr and "too_small: 3" in proc.stderr
+    assert "filter.min_side" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "shards").exists()
+
+
+def test_captions_that_drop_everything_fail_naming_the_step(tmp_path):
+    """Every caption filtered out (too short): an error naming the captions step and its reasons."""
+    from data_curation.common import NothingKeptError
+    from data_curation.run import run
+
+    folder = tiny_folder(tmp_path / "src", ["Cat.", "Dog", ""], 40)
+    cfg, _ = parse_step_args(tiny_overrides(folder, tmp_path / "out", 16))
+    with pytest.raises(NothingKeptError, match="the captions step dropped every image") as err:
+        run(cfg)
+    assert "caption_unfinished: 2" in str(err.value) and "no_caption: 1" in str(err.value)
+    assert isinstance(err.value, ValueError) and not (tmp_path / "out" / "shards").exists()

@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eve.assets import skimage_photo
-from eve.image_processing_eve import CLIP_MEAN, CLIP_STD, EveImageProcessor, ImageLoadError, load_image
+from eve.image_processing_eve import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PIXELS,
+    EveImageProcessor,
+    ImageLoadError,
+    ImageTooLargeError,
+    load_image,
+)
 
 # Float32 normalisation: x * (1/(255 std)) - mean/std vs (x/255 - mean)/std differ by a few ulps of ~2.
 ATOL = 1e-5
@@ -186,6 +194,29 @@ def test_unreadable_files_name_the_file(tmp_path):
         tiny()(Image.new("RGB", (0, 5)))
     with pytest.raises(ImageLoadError, match="empty"):
         tiny()(np.zeros((0, 4, 3), dtype=np.uint8))
+
+
+def test_oversized_source_is_refused_by_name_before_decoding(tmp_path, monkeypatch):
+    """An 8,000 x 8,000 PNG (64 Mpx, a few KB on disk) over max_pixels 10 Mpx: an ImageLoadError naming
+    the file and both sizes, raised from the header alone (decoding it would fail the guard)."""
+    from PIL import ImageFile
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (8000, 8000), 77).save(path, compress_level=1)
+    real_load = ImageFile.ImageFile.load
+
+    def guarded_load(self):
+        assert self.size[0] * self.size[1] <= 10_000_000, "an oversized image was decoded"
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", guarded_load)
+    with pytest.raises(ImageTooLargeError, match=r"huge\.png.*8000 x 8000.*64,000,000.*10,000,000") as err:
+        load_image(path, max_pixels=10_000_000)
+    assert isinstance(err.value, ImageLoadError)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (4000, 2500), (1, 2, 3)).save(small, compress_level=1)  # exactly 10 Mpx: allowed
+    assert load_image(small, max_pixels=10_000_000).size == (4000, 2500)
+    assert MAX_PIXELS == 50_000_000
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -119,6 +119,8 @@ def test_generation_prompt_is_a_token_prefix_and_answers_tokenize_alone(processo
         ([], True, "empty conversation"),
         ([{"from": "gpt", "value": "<image>A"}, {"from": "human", "value": "Q"}], True, "expected 'human'"),
         ([{"from": "human", "value": "<image>Q"}, {"from": "user", "value": "A"}], True, "expected 'gpt'"),
+        ([{"from": "human", "value": 5}, {"from": "gpt", "value": "A"}], False, "string 'value'"),
+        ([{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": None}], True, "string 'value'"),
     ],
 )
 def test_invalid_samples_raise_naming_the_sample(processor, conv, with_image, match):

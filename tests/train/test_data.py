@@ -2,7 +2,9 @@
 
 import io
 import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +217,226 @@ def test_images_behind_a_symlink_inside_the_root_are_read(tmp_path, processor):
     batches = list(loader)
     assert len(batches) == 1 and batches[0]["image_grid_hw"].shape[0] == 1
     assert loader.stats() == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# reliability: one JSON reader, caption encodings, conversation shapes, epochs of good data,
+# skipped.jsonl, oversized images
+
+
+def test_record_count_uses_the_loaders_reader(tmp_path):
+    """count_records reads JSON through train/records.py: a broken file names itself and the fix;
+    a JSON-lines file counts the records the loader sees (broken lines included, as bad records)."""
+    from train.build import count_records
+    from train.config import RunConfig
+    from train.records import load_json_records
+
+    broken = tmp_path / "sft.json"
+    broken.write_text('[{"id": "0", "conversations": []}, {"id": ')
+    config = RunConfig()
+    config.data.json = str(broken)
+    with pytest.raises(ValueError, match=r"sft\.json is not valid JSON.*fix the file"):
+        count_records(config)
+    lines = tmp_path / "sft.jsonl"
+    lines.write_text('{"id": "0", "conversations": []}\n\n{"id": \n{"id": "2", "conversations": []}\n')
+    config.data.json = str(lines)
+    assert count_records(config) == len(load_json_records(str(lines), None)) == 3
+    config.data.max_samples = 2
+    assert count_records(config) == 2
+
+
+def test_non_utf8_captions_are_skipped_and_counted(tmp_path, processor):
+    """Latin-1 and binary .txt captions and a Latin-1 .json caption are skipped as bad_caption_encoding,
+    never trained as U+FFFD text; valid UTF-8 (non-ASCII included) is kept."""
+    from train.records import Skips, iter_tar_records
+
+    _tar(
+        tmp_path / "a.tar",
+        [("ok.jpg", _jpeg(0)), ("ok.txt", "Un café crème.".encode())]
+        + [("latin.jpg", _jpeg(1)), ("latin.txt", "Un café crème.".encode("latin-1"))]
+        + [("bin.jpg", _jpeg(2)), ("bin.txt", bytes(range(128, 256)))]
+        + [("js.jpg", _jpeg(3)), ("js.json", '{"caption": "Crème brûlée."}'.encode("latin-1"))],
+    )
+    recs = {r.source.rsplit(":", 1)[1]: r for r in iter_tar_records(str(tmp_path / "a.tar"), Skips())}
+    assert recs["ok"].error is None and recs["ok"].caption == "Un café crème."
+    for key in ("latin", "bin", "js"):
+        assert recs[key].error.reason == "bad_caption_encoding"
+        assert f"a.tar:{key}" in str(recs[key].error) and "UTF-8" in str(recs[key].error)
+    opts = DataOptions(shards=[str(tmp_path / "a.tar")], template="plain", max_length=64, batch_size=4)
+    loader = build_dataloader(opts, processor)
+    assert sum(1 for _ in loader) == 1 and loader.last_batch_samples == 1
+    assert loader.stats() == {"bad_caption_encoding": 3}
+
+
+def test_malformed_conversations_are_bad_conversation_records(tmp_path, processor):
+    """Turns with a non-string value, no 'from', an unknown role or not a dict are refused by the reader
+    (bad_conversation, the message names the record), never an encode_error inside the processor."""
+    from train.records import load_json_records
+
+    bad_turns = [
+        [{"from": "human", "value": 5}, {"from": "gpt", "value": "A."}],
+        [{"value": "Q?"}, {"from": "gpt", "value": "A."}],
+        [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": None}],
+        [{"from": "human", "value": "Q?"}, ["gpt", "A."]],
+        [{"from": 1, "value": "Q?"}, {"from": "gpt", "value": "A."}],
+        [],
+    ]
+    data = [{"id": "good", "conversations": _turns("Hello?", "Hi.")}]
+    data += [{"id": f"b{i}", "conversations": c} for i, c in enumerate(bad_turns)]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(data))
+    recs = load_json_records(str(path), None)
+    assert recs[0].error is None
+    for i, rec in enumerate(recs[1:]):
+        assert rec.error is not None and rec.error.reason == "bad_conversation"
+        assert f"sft.json#{i + 1} (id b{i})" in str(rec.error)
+    opts = DataOptions(json=str(path), template="vicuna_v1", max_length=200, batch_size=4)
+    loader = build_dataloader(opts, processor)
+    assert sum(1 for _ in loader) == 1 and loader.last_batch_samples == 1
+    assert loader.stats() == {"bad_conversation": len(bad_turns)}
+
+
+def _mixed_json(tmp_path, n_good, n_bad):
+    """Text-only SFT records, n_good good ones and n_bad with a non-string answer (bad_conversation)."""
+    data = [{"id": f"g{i}", "conversations": _turns(f"Q{i}?", "Yes.")} for i in range(n_good)]
+    data += [
+        {"id": f"b{i}", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": i}]}
+        for i in range(n_bad)
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(data))
+    return str(path), [f"{path}#{n_good + i} (id b{i})" for i in range(n_bad)]
+
+
+def test_epoch_end_reports_passes_over_the_good_data(tmp_path, processor, caplog):
+    """12 records of which 4 are bad: train.epochs 1.5 is 1.5 x 12 / 8 = 2.25 passes over the good data."""
+    path, _ = _mixed_json(tmp_path, 8, 4)
+    opts = DataOptions(json=path, template="vicuna_v1", max_length=200, batch_size=3, window=5)
+    loader = build_dataloader(opts, processor, epochs=1.5)
+    with caplog.at_level("INFO", logger="train.data"):
+        list(loader)
+        list(loader)
+    text = caplog.text
+    assert (
+        "epoch 1: 8 good samples of 12 records (4 skipped): train.epochs 1.5 is 2.25 passes over the "
+        "good data" in text
+    )
+    assert "epoch 2: 8 good samples of 12 records (4 skipped)" in text
+    # a max_steps run states the samples it will consume instead: 40 samples / 8 good = 5.00 passes
+    caplog.clear()
+    loader = build_dataloader(opts, processor, total_samples=40)
+    with caplog.at_level("INFO", logger="train.data"):
+        list(loader)
+    assert "epoch 1: 8 good samples of 12 records (4 skipped): the run's 40 samples are 5.00 passes" in (
+        caplog.text
+    )
+
+
+def _skipped(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_skipped_records_are_written_once_with_source_and_reason(tmp_path, processor):
+    """skipped.jsonl: one line per bad record (source, reason, message), written in the first epoch only."""
+    path, bad = _mixed_json(tmp_path, 7, 3)
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "cut.jpg").write_bytes(_jpeg(1)[:300])
+    data = json.loads(Path(path).read_text())
+    data.append({"id": "cut", "image": "cut.jpg", "conversations": _turns("<image>\nQ?")})
+    data.append({"id": "gone", "image": "gone.jpg", "conversations": _turns("<image>\nQ?")})
+    Path(path).write_text(json.dumps(data))
+    expected = {(s, "bad_conversation") for s in bad}
+    expected |= {(f"{path}#10 (id cut)", "corrupt_image"), (f"{path}#11 (id gone)", "missing_image")}
+    opts = DataOptions(
+        json=path, image_root=str(root), template="vicuna_v1", max_length=200, batch_size=2, window=4
+    )
+    out = tmp_path / "run"
+    loader = build_dataloader(opts, processor, log_dir=out)
+    list(loader)
+    list(loader)  # the second epoch writes nothing more
+    lines = _skipped(out / "skipped.jsonl")
+    assert sorted((d["source"], d["reason"]) for d in lines) == sorted(expected)
+    assert all(d["message"].startswith(d["source"]) for d in lines)
+    # each rank of a 2-rank run writes its own, rank-suffixed file with its share of the records
+    two = tmp_path / "two"
+    per_rank = []
+    for rank in range(2):
+        loader = build_dataloader(opts, processor, rank=rank, world_size=2, log_dir=two)
+        list(loader)
+        per_rank.append(_skipped(two / f"skipped.rank{rank}.jsonl"))
+        assert len(per_rank[-1]) == sum(loader.stats().values())
+    assert sorted((d["source"], d["reason"]) for d in per_rank[0] + per_rank[1]) == sorted(expected)
+    assert not (two / "skipped.jsonl").exists()
+
+
+def test_resumed_run_does_not_duplicate_skipped_lines(tmp_path, processor):
+    """Resumed from a checkpoint taken mid-window, after more batches (and lines) than the checkpoint
+    holds were consumed: the file ends exactly as an uninterrupted run's."""
+    path, _ = _mixed_json(tmp_path, 9, 6)
+    opts = DataOptions(json=path, template="vicuna_v1", max_length=200, batch_size=1, window=5)
+    full_dir, run_dir = tmp_path / "full", tmp_path / "run"
+    list(build_dataloader(opts, processor, log_dir=full_dir))
+    full = (full_dir / "skipped.jsonl").read_text()
+    assert len(full.splitlines()) == 6
+    for k in (1, 3, 5):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        loader = build_dataloader(opts, processor, log_dir=run_dir)
+        it = iter(loader)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(loader.state_dict()))
+        for _ in range(2):  # consumed after the checkpoint, then the run dies
+            next(it)
+        del it
+        resumed = build_dataloader(opts, processor, log_dir=run_dir)
+        resumed.load_state_dict(state)
+        list(resumed)
+        assert (run_dir / "skipped.jsonl").read_text() == full, k
+        assert resumed.stats() == {"bad_conversation": 6}
+
+
+def _big_png(path, side=8000):
+    """A real side x side PNG of one colour (a few KB on disk, side^2 pixels once decoded)."""
+    Image.new("L", (side, side), 200).save(path, optimize=False, compress_level=1)
+    return path
+
+
+def test_images_over_max_pixels_are_refused_before_decoding(tmp_path, processor, monkeypatch):
+    """An 8,000 x 8,000 PNG (64 Mpx) over max_pixels 10 Mpx: skipped as image_too_large, from a JSON
+    path and from tar bytes alike, without ever being decoded."""
+    from PIL import ImageFile
+
+    root = tmp_path / "images"
+    root.mkdir()
+    big = _big_png(root / "big.png")
+    assert big.stat().st_size < 1_000_000
+    (root / "ok.jpg").write_bytes(_jpeg(0))
+    path = tmp_path / "sft.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"id": "big", "image": "big.png", "conversations": _turns("<image>\nQ?")},
+                {"id": "ok", "image": "ok.jpg", "conversations": _turns("<image>\nQ?")},
+            ]
+        )
+    )
+    _tar(tmp_path / "a.tar", [("big.png", big.read_bytes()), ("big.txt", b"A grey square.")])
+    real_load = ImageFile.ImageFile.load
+
+    def guarded_load(self):
+        assert self.size[0] * self.size[1] <= 10_000_000, "an oversized image was decoded"
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", guarded_load)
+    opts = DataOptions(json=str(path), image_root=str(root), template="vicuna_v1", max_pixels=10_000_000)
+    loader = build_dataloader(opts, processor, log_dir=tmp_path / "run")
+    assert sum(loader.last_batch_samples for _ in loader) == 1
+    assert loader.stats() == {"image_too_large": 1}
+    (line,) = _skipped(tmp_path / "run" / "skipped.jsonl")
+    assert line["reason"] == "image_too_large" and "big.png" in line["message"]
+    assert "8000 x 8000" in line["message"] and "max_pixels" in line["message"]
+    opts = DataOptions(shards=[str(tmp_path / "a.tar")], template="plain", max_pixels=10_000_000)
+    loader = build_dataloader(opts, processor)
+    assert list(loader) == [] and loader.stats() == {"image_too_large": 1}
+    assert DataOptions().max_pixels == 50_000_000

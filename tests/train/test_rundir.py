@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.synthetic import tiny_run_config, write_shards, write_yaml
+from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards, write_yaml
 from train.build import lr_lambda
 from train.checkpointing import list_checkpoints, read_meta
 from train.cli import run_stage
@@ -144,3 +144,37 @@ def test_kill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, referen
     weights = load_file(str(export / "model.safetensors"))
     assert weights.keys() == ref_weights.keys()
     assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+
+def test_a_run_lists_its_skipped_records_and_refuses_oversized_images(tmp_path):
+    """skipped.jsonl in the run directory names each skipped record and its reason (data.max_pixels too)."""
+    sft = write_llava_json(tmp_path / "data", n_samples=6)  # images 0, 1, 3, 4 and two text-only samples
+    records = json.loads(sft.read_text())
+    records.append(
+        {"id": "gone", "image": "images/missing.png", "conversations": records[0]["conversations"]}
+    )
+    records.append({"id": "odd", "conversations": [{"from": "human", "value": 5}]})
+    sft.write_text(json.dumps(records))
+    tree = tiny_run_config(
+        tmp_path,
+        "stage1",
+        data={
+            "json": str(sft),
+            "image_root": str(tmp_path / "data"),
+            "template": "vicuna_v1",
+            "max_pixels": 1000,
+        },
+        train={"max_steps": 2, "output_dir": str(tmp_path / "run")},  # several passes over the 2 good ones
+    )
+    run_stage("stage1", ["--config", write_yaml(tmp_path / "c.yaml", tree)])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    reasons = {row["source"].split(" ")[-1].rstrip(")"): row["reason"] for row in rows}
+    # Images 0 and 4 are 32 x 32 = 1,024 px and image 3 is 64 x 64: over max_pixels 1,000, refused
+    # before decoding; image 1 (24 x 40 = 960 px) is trained.
+    assert reasons == {
+        "img-0": "image_too_large",
+        "img-3": "image_too_large",
+        "img-4": "image_too_large",
+        "gone": "missing_image",
+        "odd": "bad_conversation",
+    }
