@@ -27,8 +27,9 @@ from eve.assets import load_default_tokenizer, load_tokenizer
 from eve.configuration_eve import PRESETS
 from train.aligning import ALIGNER_CONFIG, AlignerConfig, PatchAligner, layers_for
 from train.config import RunConfig
-from train.data import DataOptions, EveDataLoader, build_dataloader
+from train.data import DataOptions
 from train.distributed import DistInfo
+from train.loader import EveDataLoader, build_dataloader
 from train.packing import DummyImage
 from train.records import expand_shards, load_json_records
 from train.stages import Stage, get_stage

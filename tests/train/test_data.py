@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import DataOptions, EveDataLoader, EveDataset, Record, build_dataloader
+from train.data import DataOptions, EveDataset
+from train.loader import EveDataLoader, build_dataloader
 from train.packing import Collator
+from train.records import Record
 
 
 class FakeEncoder:
@@ -313,7 +315,7 @@ def test_epoch_end_reports_passes_over_the_good_data(tmp_path, processor, caplog
     path, _ = _mixed_json(tmp_path, 8, 4)
     opts = DataOptions(json=path, template="vicuna_v1", max_length=200, batch_size=3, window=5)
     loader = build_dataloader(opts, processor, epochs=1.5)
-    with caplog.at_level("INFO", logger="train.data"):
+    with caplog.at_level("INFO", logger="train"):
         list(loader)
         list(loader)
     text = caplog.text
@@ -325,7 +327,7 @@ def test_epoch_end_reports_passes_over_the_good_data(tmp_path, processor, caplog
     # a max_steps run states the samples it will consume instead: 40 samples / 8 good = 5.00 passes
     caplog.clear()
     loader = build_dataloader(opts, processor, total_samples=40)
-    with caplog.at_level("INFO", logger="train.data"):
+    with caplog.at_level("INFO", logger="train"):
         list(loader)
     assert "epoch 1: 8 good samples of 12 records (4 skipped): the run's 40 samples are 5.00 passes" in (
         caplog.text
