@@ -137,3 +137,24 @@ def write_yaml(path: Path, tree: dict) -> str:
     """Write a config tree as YAML; its path as a string (for `--config`)."""
     path.write_text(yaml.safe_dump(tree))
     return str(path)
+
+
+def stage1_config_file(tmp_path: Path, name: str, **train) -> str:
+    """A stage-1 run on 24 shard samples, checkpoints every 2 steps, into tmp_path/name; its YAML path."""
+    shards = write_shards(tmp_path / "shards", n_samples=24, per_shard=8)
+    tree = tiny_run_config(
+        tmp_path,
+        "stage1",
+        data={"shards": shards, "window": 8},
+        train={"max_steps": 8, "save_every": 2, "keep_last": 2, "output_dir": str(tmp_path / name), **train},
+    )
+    return write_yaml(tmp_path / f"{name}.yaml", tree)
+
+
+LOGGED = ("step", "loss", "ce_loss", "align_loss", "lr")  # not tokens_per_s: a timing
+
+
+def losses(run_dir: Path) -> list[dict]:
+    """The logged losses and LRs of a run, for exact comparisons between runs."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [{k: r[k] for k in LOGGED} for r in rows]

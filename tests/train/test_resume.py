@@ -10,28 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards, write_yaml
+from tests.train.synthetic import (
+    losses,
+    stage1_config_file,
+    tiny_run_config,
+    write_llava_json,
+    write_yaml,
+)
 from train.checkpointing import list_checkpoints
 from train.cli import run_stage
-from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-LOGGED = ("step", "loss", "ce_loss", "align_loss", "lr")  # tokens_per_s is a timing
 
 
-def losses(run_dir):
-    return [{k: r[k] for k in LOGGED} for r in read_metrics(run_dir)]
-
-
-def config_file(tmp_path, name, **train):
-    shards = write_shards(tmp_path / "shards", n_samples=24, per_shard=8)
-    tree = tiny_run_config(
-        tmp_path,
-        "stage1",
-        data={"shards": shards, "window": 8},
-        train={"max_steps": 8, "save_every": 2, "keep_last": 2, "output_dir": str(tmp_path / name), **train},
-    )
-    return write_yaml(tmp_path / f"{name}.yaml", tree)
+config_file = stage1_config_file
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.synthetic import tiny_run_config, write_llava_json, write_shards, write_yaml
+from tests.train.synthetic import (
+    losses,
+    stage1_config_file,
+    tiny_run_config,
+    write_llava_json,
+    write_yaml,
+)
 from train.build import lr_lambda
 from train.checkpointing import list_checkpoints, read_meta
 from train.cli import run_stage
@@ -18,22 +24,10 @@ from train.metrics import read_metrics
 from train.rundir import EXPORT_MARKER, RunDirError, config_changes, is_complete_export
 
 REPO = Path(__file__).resolve().parents[2]
-LOGGED = ("step", "loss", "ce_loss", "align_loss", "lr")  # tokens_per_s is a timing
 
 
 def config_file(tmp_path: Path, name: str, **train) -> str:
-    shards = write_shards(tmp_path / "shards", n_samples=24, per_shard=8)
-    tree = tiny_run_config(
-        tmp_path,
-        "stage1",
-        data={"shards": shards, "window": 8},
-        train={"max_steps": 6, "save_every": 2, "keep_last": 2, "output_dir": str(tmp_path / name), **train},
-    )
-    return write_yaml(tmp_path / f"{name}.yaml", tree)
-
-
-def losses(run_dir: Path) -> list[dict]:
-    return [{k: r[k] for k in LOGGED} for r in read_metrics(run_dir)]
+    return stage1_config_file(tmp_path, name, **{"max_steps": 6, **train})
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
