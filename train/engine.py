@@ -220,10 +220,10 @@ def train(config: RunConfig) -> Path:
             read_config(resume_from), config_dict, resume_from, tc.allow_config_change
         )
     resumed_id = read_meta(resume_from).get("run_id") if resume_from is not None else None
-    run_id = claim(output_dir, resumed_id, resume_from is not None, tc.overwrite)
+    run_id, replaced = claim(output_dir, resumed_id, resume_from is not None, tc.overwrite)
     run_id = broadcast_object(run_id)  # rank 0's new id when the run starts fresh
     if dist_info.is_main:
-        write_claim(output_dir, run_id, tc.overwrite)
+        write_claim(output_dir, run_id, replaced)
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=1))
     barrier()
     logger.info(

@@ -71,38 +71,38 @@ def read_run_id(output_dir: Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
-def holds_other_run(output_dir: Path, resumed_run_id: str | None, resuming: bool) -> list[str]:
-    """The work of another run in output_dir (empty when this run may use it); read-only, any rank.
+def claim(
+    output_dir: Path, resumed_run_id: str | None, resuming: bool, overwrite: bool
+) -> tuple[str, list[str]]:
+    """Check that this run may use output_dir (read-only: every rank runs it, so all fail alike).
 
     resuming: a checkpoint is being resumed, with run id resumed_run_id (None when it was written
     before run ids existed). A fresh run may only use a directory without work; a resumed run may
-    not use one owned by another run.
+    not use one owned by another run. Returns (the run id, the names of another run's work that
+    `write_claim` deletes: only with overwrite, else that work is an error).
     """
-    present = run_work(output_dir) if output_dir.is_dir() else []
-    if not resuming:
-        return present
-    owner = read_run_id(output_dir) if output_dir.is_dir() else None
-    other = owner is not None and resumed_run_id is not None and owner != resumed_run_id
-    return present if other else []
-
-
-def claim(output_dir: Path, resumed_run_id: str | None, resuming: bool, overwrite: bool) -> str:
-    """Make output_dir this run's (rank 0 writes; every rank checks first); returns the run id."""
-    other = holds_other_run(output_dir, resumed_run_id, resuming)
+    exists = output_dir.is_dir()
+    present = run_work(output_dir) if exists else []
+    owner = read_run_id(output_dir) if exists else None
+    if resuming:
+        foreign = owner is not None and resumed_run_id is not None and owner != resumed_run_id
+        other = present if foreign else []
+    else:
+        other = present
     if other and not overwrite:
         raise RunDirError(
             f"{output_dir} holds another run ({', '.join(other)}): resume it with --resume, choose another "
             "--train.output_dir, or pass --train.overwrite true to delete that run and start anew"
         )
-    owner = read_run_id(output_dir) if output_dir.is_dir() else None
-    return resumed_run_id or (owner if resuming and not other else None) or uuid.uuid4().hex
+    run_id = resumed_run_id or (owner if resuming else None) or uuid.uuid4().hex
+    return run_id, other
 
 
-def write_claim(output_dir: Path, run_id: str, overwrite: bool) -> None:
-    """Rank 0: delete another run's work (only with overwrite, after `claim` allowed it) and write run.json."""
+def write_claim(output_dir: Path, run_id: str, delete: list[str]) -> None:
+    """Rank 0: delete the other run's work that `claim` allowed to replace, and write run.json."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and read_run_id(output_dir) != run_id:
-        paths = [output_dir / name for name in run_work(output_dir)]
+    if delete:
+        paths = [output_dir / name for name in delete]
         paths += [p for pattern in _ALSO_REMOVED for p in output_dir.glob(pattern)]
         for path in paths:
             logger.warning("train.overwrite: deleting %s of the previous run", path)
