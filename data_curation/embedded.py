@@ -8,8 +8,11 @@
 - `sources.jsonl`: one `{"image", "caption", "source"}` per curation input (paths relative to it); an
   easy-vqa caption is two attribute checks, then the description: "is there a red yes, is a circle
   no. A blue circle.",
-- `sft_easy_vqa.json`: LLaVA JSON, conversations of `embedded.sft_turns` questions of one train image,
-  each question followed by the short-answer instruction of the evaluation prompt.
+- `sft_easy_vqa.json`: LLaVA JSON, conversations of `embedded.sft_turns` questions of one train image:
+  its easy-vqa questions plus `embedded.sft_balanced` yes/no questions in the same forms that name the
+  image's own attribute half of the time; a share `embedded.sft_plain_share` of the questions come
+  bare, the others followed by the short-answer instruction of the evaluation prompt (as LLaVA-1.5
+  mixes both), so that the model answers a plain question as it answers the evaluation's.
 """
 
 from __future__ import annotations
@@ -190,6 +193,47 @@ def attribute_checks(colour: str | None, shape: str | None, rng: random.Random) 
     return f"{', '.join(checks)}." if checks else ""
 
 
+def yes_no_templates(per_image: dict[int, list[tuple[str, str]]]) -> dict[str, list[str]]:
+    """The yes/no question forms of the train split, by the attribute they name.
+
+    "is there not a red shape?" -> "is there not a {} shape?" under "colour"; "is a circle present?"
+    -> "is a {} present?" under "shape". Sorted, so that the same questions give the same forms.
+    """
+    forms: dict[str, set[str]] = {"colour": set(), "shape": set()}
+    for qa in per_image.values():
+        for q, a in qa:
+            if a not in ("yes", "no"):
+                continue
+            words = q.rstrip("?").split()
+            for kind, vocab in (("colour", COLORS), ("shape", SHAPES)):
+                hits = [k for k, w in enumerate(words) if w in vocab]
+                if len(hits) == 1:
+                    words[hits[0]] = "{}"
+                    forms[kind].add(" ".join(words) + "?")
+    return {kind: sorted(v) for kind, v in forms.items()}
+
+
+def balanced_questions(
+    colour: str | None, shape: str | None, forms: dict[str, list[str]], n: int, rng: random.Random
+) -> list[tuple[str, str]]:
+    """`n` yes/no questions about an image, half naming its own attribute, in the train split's forms.
+
+    easy-vqa's own yes/no questions name the image's attribute rarely (about 1 in 8 colour and 1 in 3
+    shape questions), so the question alone answers most of them and the comparison of the named
+    attribute with the image gets little gradient. Here the named attribute is the image's own with
+    odds 1/2, so the answer cannot be read off the text; the truth comes from the train answers (or the
+    pixels where they do not tell), never from the test split.
+    """
+    kinds = [(k, v, vocab) for k, v, vocab in (("colour", colour, COLORS), ("shape", shape, SHAPES)) if v]
+    out = []
+    for j in range(n if kinds else 0):
+        kind, value, vocab = kinds[j % len(kinds)]
+        form = rng.choice(forms[kind])
+        named, same = name_attribute(value, vocab, rng)
+        out.append((form.format(named), "yes" if same != question_negated(form) else "no"))
+    return out
+
+
 def link_or_copy(target: Path, link: Path) -> None:
     """Symlink `link` -> `target`; copy when links are not possible (e.g. some Windows/CI filesystems)."""
     if link.is_symlink() or link.exists():
@@ -231,9 +275,12 @@ def build(cfg: EmbeddedConfig, seed: int = 0) -> dict:
     write_jsonl_atomic(out / "sources.jsonl", rows)
 
     rng = random.Random(seed)
-    sft = []
+    forms = yes_no_templates(per_image)
+    sft, synthetic, plain = [], 0, 0
     for i in sorted(per_image):
-        qa = list(per_image[i])
+        extra = balanced_questions(*attrs[i], forms, cfg.sft_balanced, rng)
+        synthetic += len(extra)
+        qa = list(per_image[i]) + extra
         if not qa:
             continue
         rng.shuffle(qa)
@@ -241,7 +288,9 @@ def build(cfg: EmbeddedConfig, seed: int = 0) -> dict:
         for c in range(0, len(qa), step):
             conv = []
             for t, (q, a) in enumerate(qa[c : c + step]):
-                text = f"{q}\n{SHORT_ANSWER_PROMPT}"
+                bare = rng.random() < cfg.sft_plain_share
+                plain += bare
+                text = q if bare else f"{q}\n{SHORT_ANSWER_PROMPT}"
                 conv.append({"from": "human", "value": f"<image>\n{text}" if t == 0 else text})
                 conv.append({"from": "gpt", "value": a})
             sample_id = f"easy_vqa_train_{i}" + (f"_{c // step}" if step < len(qa) else "")
@@ -253,7 +302,9 @@ def build(cfg: EmbeddedConfig, seed: int = 0) -> dict:
         "easy_vqa_train": len(per_image),
         "skimage": len(SKIMAGE_PHOTOS),
         "sft_samples": len(sft),
-        "sft_questions": sum(len(qa) for qa in per_image.values()),
+        "sft_questions": sum(len(qa) for qa in per_image.values()) + synthetic,
+        "sft_balanced_questions": synthetic,
+        "sft_plain_questions": plain,
         **how,
     }
     logger.info("embedded sources in %s: %s", out, counts)

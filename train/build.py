@@ -37,6 +37,9 @@ from train.teacher import TeacherSet
 
 logger = logging.getLogger(__name__)
 
+# Attention backends that split a packed row at its samples (a row's length costs nothing by itself)
+SEGMENT_ATTENTION = ("sdpa_packed", "flash_attention_2", "flash_attention_3")
+
 
 # ----------------------------------------------------------------------------------------------
 # Paths
@@ -220,6 +223,9 @@ def build_train_loader(
             else None
         ),
         log_dir=log_dir,
+        # These backends attend within each packed sample whatever the row holds, so a batch's rows
+        # go end to end in one row and no padded tail is computed.
+        one_row=config.model.attn_implementation in SEGMENT_ATTENTION,
     )
 
 

@@ -11,6 +11,8 @@ exports, evaluation) and redoes it. `--no-align` trains without the patch-aligni
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -22,7 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_curation.embedded import easy_vqa_attributes
+from eve import chat
+from eve.assets import easy_vqa_dir
 from eve.console import setup_logging
+from eve.eval.runner import format_table
 from train.rundir import EXPORT_MARKER
 
 logger = logging.getLogger(__name__)
@@ -162,6 +168,42 @@ def show_answers(run: Path, n_images: int = 3) -> str:
     return "\n".join(lines)
 
 
+# Plain questions a newcomer might type, without the short-answer instruction the evaluation appends
+CHAT_QUESTIONS = {"colour": "what is the color of the shape?", "shape": "what is the shape?"}
+
+
+def chat_check(run: Path, n_images: int = 5) -> dict:
+    """Ask the first test images plain questions through `python -m eve.chat` (in process) and score
+    the answers against each image's colour and shape, read from its test answers."""
+    test = easy_vqa_dir("test")
+    attrs, _, _ = easy_vqa_attributes(test)
+    rows = []
+    for i in sorted(attrs)[:n_images]:
+        truth = dict(zip(("colour", "shape"), attrs[i]))
+        for kind, question in CHAT_QUESTIONS.items():
+            argv = ["--model", str(run / "sft" / "export"), "--image", str(test / "images" / f"{i}.png")]
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = chat.main(argv + ["--prompt", question, "--max-new-tokens", "8"])
+            if code != 0:
+                raise SystemExit(f"demo chat check: python -m eve.chat {' '.join(argv)} failed (exit {code})")
+            answer = out.getvalue().strip()
+            rows.append({"image": i, "question": question, "answer": answer, "truth": truth[kind]})
+    right = sum(r["answer"].lower().strip(" .") == r["truth"] for r in rows)
+    return {"n": len(rows), "right": right, "answers": rows}
+
+
+def print_summary(summary: dict) -> None:
+    """The accuracy by category beside the baselines, the chat check, and each step's time."""
+    print("\n" + format_table(summary["easy_vqa"]))
+    check = summary["chat_check"]
+    print(f"\nplain questions through python -m eve.chat: {check['right']} of {check['n']} right")
+    for r in check["answers"][:4]:
+        print(f"  test image {r['image']}: {r['question']:<34} -> {r['answer']!r:<14} truth: {r['truth']}")
+    timings = summary["timings_s"]
+    print("\nstep      minutes" + "".join(f"\n{k:<9}{v / 60:8.1f}" for k, v in timings.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m train.demo [--run-dir runs/demo] [--no-align] [--force]`."""
     setup_logging()
@@ -209,11 +251,16 @@ def main(argv: list[str] | None = None) -> None:
 
     plot_losses(run, run / "loss_curves.png")
     result = json.loads((run / "eval" / "easy_vqa.json").read_text())
-    summary = {"timings_s": timings, "easy_vqa": result, "align": not args.no_align}
+    summary = {
+        "timings_s": timings,
+        "easy_vqa": result,
+        "chat_check": chat_check(run),
+        "align": not args.no_align,
+    }
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + show_answers(run))
-    print(f"\nsteps run (seconds): {timings}")
-    print(f"easy-vqa test accuracy: {100 * result['accuracy']:.1f}% on {result['n']} questions")
+    print_summary(summary)
+    print(f"\neasy-vqa test accuracy: {100 * result['accuracy']:.1f}% on {result['n']} questions")
     print(f"loss curves: {run / 'loss_curves.png'}; summary: {run / 'demo_summary.json'}")
 
 

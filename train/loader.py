@@ -239,6 +239,7 @@ def build_dataloader(
     epochs: float | None = None,
     total_samples: int | None = None,
     log_dir: str | Path | None = None,
+    one_row: bool = False,
 ) -> EveDataLoader:
     """The engine's entry point: dataset + collator + loader for one rank.
 
@@ -246,12 +247,14 @@ def build_dataloader(
     `DummyImage.from_config(model_config, [v.size for v in views])` under ZeRO-3 (or always: it
     costs 3 tokens on image-free batches only). epochs / total_samples: the run's length, for the
     end-of-epoch line (see `EveDataLoader`). log_dir: the run directory, where this rank's skipped
-    records are written (`skipped_file`); None: not written.
+    records are written (`skipped_file`); None: not written. one_row: packed batches as one row
+    (`Collator.one_row`: no computed padding; for segment-splitting attention backends only).
     """
     views = list(teacher_views or [])
     collator = Collator(
         pad_token_id=processor.pad_token_id,
         packing=options.packing,
+        one_row=one_row and options.packing,
         dummy_image=dummy_image,
         num_teacher_views=len(views),
     )

@@ -175,12 +175,19 @@ class Collator:
     """If set, a batch without any image gets this placeholder image (needed under ZeRO-3)."""
     num_teacher_views: int = 0
     """Number of distinct teacher views to stack (teacher_keys(0..n-1))."""
+    one_row: bool = False
+    """Packed only: put all rows of a batch end to end in a single row, so that no padded tail is
+    computed (at most pad_to_multiple_of - 1 tokens). For attention backends that split a row at its
+    segments ("sdpa_packed", flash-attention varlen), where a row's length costs nothing by itself; a
+    dense-mask backend ("sdpa", "eager") would pay (total tokens)^2 for it."""
 
     def __call__(self, rows: list[list[dict]] | list[dict]) -> dict:
         """A batch dict of model kwargs (+ teacher tensors) from rows of samples (or plain samples)."""
         rows = [r if isinstance(r, list) else [r] for r in rows]
         if not self.packing:
             rows = [[s] for r in rows for s in r]
+        elif self.one_row and rows:
+            rows = [[s for r in rows for s in r]]
         if self.dummy_image is not None and not any(has_image(s) for r in rows for s in r):
             dummy = self.dummy_image.sample()
             if self.packing and rows:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -193,11 +194,45 @@ def test_embedded_build_writes_the_shipped_recipe(tmp_path):
     sft = json.loads((tmp_path / "sft_easy_vqa.json").read_text())
     assert len(sft) == counts["sft_samples"]
     assert all(len(s["conversations"]) <= 6 for s in sft)  # 3 turns
-    humans = [t["value"] for s in sft for t in s["conversations"][::2]]
     assert sum(map(len, (s["conversations"] for s in sft))) == 2 * counts["sft_questions"]
-    assert all(h.endswith(f"?\n{SHORT_ANSWER_PROMPT}") for h in humans)
     assert all(s["conversations"][0]["value"].startswith("<image>\n") for s in sft)
     assert not any(" yes," in t["value"] for s in sft for t in s["conversations"])
+    # Each turn: a question, bare or followed by the instruction, about half of them bare.
+    turns = defaultdict(Counter)  # image -> Counter of (question, answer)
+    bare = 0
+    for s in sft:
+        for human, gpt in zip(s["conversations"][::2], s["conversations"][1::2]):
+            q = human["value"].removeprefix("<image>\n")
+            if q.endswith(f"\n{SHORT_ANSWER_PROMPT}"):
+                q = q.removesuffix(f"\n{SHORT_ANSWER_PROMPT}")
+            else:
+                bare += 1
+            assert q.endswith("?") and "\n" not in q, q
+            turns[image_of(s["image"])][(q, gpt["value"])] += 1
+    n_turns = sum(c.total() for c in turns.values())
+    assert 0.48 < bare / n_turns < 0.52 and bare == counts["sft_plain_questions"]
+    # Every easy-vqa train question is there once; the 4 extra ones per image are yes/no questions
+    # in forms of the train split, right about the image, and name its own attribute half the time.
+    real = defaultdict(Counter)
+    for q, a, i in json.loads((easy_vqa_dir("train") / "questions.json").read_text()):
+        real[int(i)][(q, a)] += 1
+    forms = {
+        " ".join("{}" if w in COLORS + SHAPES else w for w in q[:-1].split())
+        for c in real.values()
+        for q, _ in c
+    }
+    own = 0
+    for image, got in turns.items():
+        extra = got - real[image]
+        assert sum(extra.values()) == 4 and not real[image] - got
+        for q, a in extra.elements():
+            words = q[:-1].split()
+            named = [w for w in words if w in COLORS + SHAPES]
+            assert " ".join("{}" if w in named else w for w in words) in forms and len(named) == 1
+            negated = "not" in words or "no" in words
+            assert a == ("yes" if (named[0] in attrs[image]) != negated else "no"), (q, a, attrs[image])
+            own += named[0] in attrs[image]
+    assert 0.47 < own / (4 * len(turns)) < 0.53
 
 
 def test_configs_load_and_override():

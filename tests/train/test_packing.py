@@ -145,3 +145,25 @@ def test_packed_image_hidden_states_equal_one_by_one(tiny_model, processor):
         packed = tiny_model(**col([samples]), image_hidden_layers=[2, 0]).image_hidden_states
     for layer in range(2):
         torch.testing.assert_close(packed[layer], torch.cat([a[layer] for a in alone]), atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_equals_packed_rows_with_segment_attention(tiny_model, processor):
+    # The same samples as two packed rows (a padded tail on the shorter) or as one row end to end:
+    # with "sdpa_packed" every token attends within its own sample either way, so the loss and the
+    # PAL input agree (fp32, 1e-5), and the single row carries no tail beyond the multiple of 8.
+    tiny_model.set_attn_implementation("sdpa_packed")
+    samples = _samples(processor)
+    rows = [[samples[0], samples[3], samples[1]], [samples[2], samples[4], samples[5]]]
+    two = Collator(pad_token_id=processor.pad_token_id, packing=True)(rows)
+    one = Collator(pad_token_id=processor.pad_token_id, packing=True, one_row=True)(rows)
+    total = sum(len(s["input_ids"]) for s in samples)
+    assert one["input_ids"].shape == (1, -(-total // 8) * 8) and two["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        a = tiny_model(**two, image_hidden_layers=[2, 0])
+        b = tiny_model(**one, image_hidden_layers=[2, 0])
+    assert int(a.n_loss_tokens) == int(b.n_loss_tokens)
+    assert abs(a.loss.item() - b.loss.item()) < 1e-5
+    for layer in range(2):
+        torch.testing.assert_close(
+            a.image_hidden_states[layer], b.image_hidden_states[layer], atol=1e-5, rtol=1e-5
+        )
