@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="delete the steps' outputs and redo them")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the curation (SFT order, caption checks) and of every stage (default: the configs' 0)",
+    )
+    parser.add_argument(
         "--curate-override",
         action="append",
         default=[],
@@ -238,7 +244,14 @@ def main(argv: list[str] | None = None) -> None:
 
     timings: dict[str, float] = {}
     t0 = time.time()
-    steps = demo_steps(run, not args.no_align, eval_args, args.curate_override, args.train_override)
+    seeded = ([], []) if args.seed is None else ([f"seed={args.seed}"], [f"train.seed={args.seed}"])
+    steps = demo_steps(
+        run,
+        not args.no_align,
+        eval_args,
+        seeded[0] + args.curate_override,
+        seeded[1] + args.train_override,
+    )
     for step in steps:
         if step.done_marker.exists() and not args.force:
             logger.info("== %s: done already (%s); --force redoes it", step.name, step.done_marker)
@@ -252,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     plot_losses(run, run / "loss_curves.png")
     result = json.loads((run / "eval" / "easy_vqa.json").read_text())
     summary = {
+        "seed": args.seed or 0,
+        "threads": os.environ.get("OMP_NUM_THREADS"),
         "timings_s": timings,
         "easy_vqa": result,
         "chat_check": chat_check(run),
