@@ -10,6 +10,7 @@ _EXPORTS = {
     "EveForCausalLM": "eve.modeling_eve",
     "EvePatchEmbedding": "eve.patch_embedding",
     "EveImageProcessor": "eve.image_processing_eve",
+    "EncoderImageProcessor": "eve.image_processing_encoders",
     "EveProcessor": "eve.processing_eve",
     "TEMPLATES": "eve.templates",
     "get_template": "eve.templates",

@@ -1,4 +1,5 @@
-"""EveConfig: the Llama text config plus the fields of the patch embedding layer (PEL), and presets."""
+"""EveConfig: the Llama text config plus the fields of the vision front-end (the patch embedding layer,
+PEL, or pretrained encoders + a connector), and presets."""
 
 from __future__ import annotations
 
@@ -37,6 +38,35 @@ _EVE_VISION = dict(
     vision_conv_stride=2,
     vision_num_heads=8,
 )
+# The tiny CPU LLM: 4 Llama layers of width 256 over the 32000-token vocabulary.
+_TINY_LLM = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+# Encoders of the encoder presets (EncoderSpec fields, eve/encoders.py); "/path/to/..." are placeholders.
+_CLIP_L_336 = dict(kind="hf_clip", path="/path/to/clip-vit-large-patch14-336", layers=[-2], image_size=336)
+_DINOV2_L = dict(kind="hf_dinov2", path="/path/to/dinov2-large", layers=[-2], image_size=336)
+_LITE0_S16 = dict(kind="timm", name="efficientnet_lite0", path=None, layers=[-2], image_size=128)
+
+
+def _encoders(connector: dict[str, Any], *encoders: dict[str, Any]) -> dict[str, Any]:
+    """The EveConfig fields of an encoder front-end."""
+    return dict(
+        vision_frontend="encoders",
+        vision_encoders=[dict(e) for e in encoders],
+        vision_connector=dict(connector),
+    )
+
 
 # Presets are data: name -> EveConfig keyword arguments (docs/architecture.md gives the numbers).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -47,24 +77,65 @@ PRESETS: dict[str, dict[str, Any]] = {
     "eve-7b-hd": {**_VICUNA_7B, **_EVE_VISION, "max_image_size": 1344, "image_resize_multiple": 56},
     # A CPU demo size over the real 32000-token Llama vocabulary: a 64 px image is an 8 x 8 grid.
     "tiny": dict(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **_TINY_LLM,
         vision_hidden_size=128,
         vision_num_heads=8,
         vision_patch_size=4,
         vision_conv_stride=2,
         max_image_size=64,
     ),
+    # Encoder front-ends (eve/vision_frontends.py) on Vicuna-7B v1.5; encoders are taken by path.
+    # LLaVA-1.5-7B: CLIP ViT-L/14-336, penultimate layer, CLS dropped, mlp2x_gelu: 576 tokens.
+    "llava-1.5-7b": {**_VICUNA_7B, **_encoders({"connector": "mlp2x_gelu"}, _CLIP_L_336)},
+    # MoF (Eyes Wide Shut), interleaved: CLIP-L/14-336 and DINOv2-L/14 (both 24 x 24 at 336 px, layer -2
+    # as LLaVA selects), each through its own mlp2x_gelu, tokens alternating: 1152 tokens.
+    "mof-interleaved-7b": {
+        **_VICUNA_7B,
+        **_encoders({"connector": "mof_interleaved"}, _CLIP_L_336, _DINOV2_L),
+    },
+    # COMM: every CLIP-L/14-336 block (hidden_states 1..24) and the 6 deepest DINOv2-L/14 blocks (19..24),
+    # LLN-Layerscale merges, DINOv2 MLP, concat, Linear: 576 tokens. The paper runs both at 224 px; these
+    # are the 336-px CLIP checkpoint's native size (set image_size 224 on both for the paper's 256 tokens).
+    "comm-7b": {
+        **_VICUNA_7B,
+        **_encoders(
+            {"connector": "comm", "comm_merge": "lln_layerscale"},
+            {**_CLIP_L_336, "layers": list(range(1, 25))},
+            {**_DINOV2_L, "layers": list(range(19, 25))},
+        ),
+    },
+    # Cambrian-style Spatial Vision Aggregator: a 24 x 24 query grid (width 1024, 16 heads, 3 layers) over
+    # CLIP-L/14-336 (24 x 24: 1 x 1 windows) and DINOv2-L/14 at 672 px (48 x 48: 2 x 2 windows): 576 tokens.
+    # Cambrian-1 reads four encoders (SigLIP, CLIP, DINOv2, ConvNeXt) on Llama-3-8B; SigLIP's 27 x 27
+    # grid is no multiple of 24, so this keeps the two encoders of the rows above, one at high resolution.
+    "cambrian-sva-7b": {
+        **_VICUNA_7B,
+        **_encoders(
+            {
+                "connector": "sva",
+                "sva_width": 1024,
+                "sva_heads": 16,
+                "sva_depth": 3,
+                "sva_query_grid": [24, 24],
+            },
+            _CLIP_L_336,
+            {**_DINOV2_L, "image_size": 672},
+        ),
+    },
+    # CPU size of the LLaVA recipe: the tiny LLM and the embedded efficientnet-lite0 (real ImageNet
+    # weights, the demo's aligning teacher) at 128 px, its stride-16 map (8 x 8 x 112), mlp2x_gelu: 64 tokens.
+    "tiny-encoders": {**_TINY_LLM, **_encoders({"connector": "mlp2x_gelu"}, _LITE0_S16)},
+    # Two encoders on CPU (MoF interleaved: 128 tokens). The second encoder is the same efficientnet-lite0
+    # tapped at another stage: its stride-32 map at 256 px (8 x 8 x 320). It has real weights and sees the
+    # image deeper and at twice the resolution on the same 8 x 8 grid, so the connectors that pair tokens
+    # cell by cell (MoF, COMM's shape rule, SVA windows) apply. A tiny random HF ViT would be a frozen
+    # encoder of noise: it tests the plumbing (tests/eve/test_frontends.py does) but gives nothing to learn.
+    "tiny-encoders-mof": {
+        **_TINY_LLM,
+        **_encoders(
+            {"connector": "mof_interleaved"}, _LITE0_S16, {**_LITE0_S16, "layers": [-1], "image_size": 256}
+        ),
+    },
 }
 
 
@@ -96,6 +167,15 @@ class EveConfig(LlamaConfig):
     """Per-channel RGB mean used to normalise pixels in [0, 1] (OpenAI CLIP statistics)."""
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     """Per-channel RGB standard deviation used to normalise pixels in [0, 1]."""
+    vision_frontend: str = "pel"
+    """How images reach the LLM (eve/vision_frontends.py): "pel" = the patch embedding layer (the vision_*,
+    image_* and max_image_size fields above), "encoders" = vision_encoders + vision_connector."""
+    vision_encoders: list[dict[str, Any]] = field(default_factory=list)
+    """Encoder front-end: one EncoderSpec per encoder (kind, path, name, layers, image_size, ...; see
+    eve/encoders.py); building the model stores each one resolved (HF vision config included)."""
+    vision_connector: dict[str, Any] = field(default_factory=dict)
+    """Encoder front-end: ConnectorConfig fields (eve/connectors), "connector" naming it, except those the
+    encoders and the LLM give (llm_hidden, encoder_widths, encoder_grids, encoder_layers)."""
 
     def validate_architecture(self) -> None:
         """Check the Llama fields and that the vision fields describe a buildable PEL."""
@@ -125,6 +205,34 @@ class EveConfig(LlamaConfig):
             raise ValueError(
                 f"image_token_index must be negative (not a vocabulary id), got {self.image_token_index}."
             )
+        if self.vision_frontend not in ("pel", "encoders"):
+            raise ValueError(f"vision_frontend must be 'pel' or 'encoders', got {self.vision_frontend!r}.")
+        if self.vision_frontend == "encoders":
+            self._validate_encoders()
+
+    def _validate_encoders(self) -> None:
+        """Check the encoder specs and the connector keys (shapes are checked when the front-end is built)."""
+        from eve.connectors import ConnectorConfig
+        from eve.encoders import EncoderSpec
+        from eve.vision_frontends import CONNECTOR_DERIVED
+
+        if not self.vision_encoders:
+            raise ValueError("vision_frontend 'encoders' needs at least one entry in vision_encoders.")
+        spec_fields = set(EncoderSpec.__dataclass_fields__)
+        for i, entry in enumerate(self.vision_encoders):
+            unknown = set(entry) - spec_fields
+            if unknown:
+                raise ValueError(
+                    f"vision_encoders[{i}]: unknown keys {sorted(unknown)}; known: {sorted(spec_fields)}."
+                )
+            EncoderSpec(**entry)
+        allowed = set(ConnectorConfig.__dataclass_fields__) - set(CONNECTOR_DERIVED)
+        unknown = set(self.vision_connector) - allowed
+        if unknown or "connector" not in self.vision_connector:
+            raise ValueError(
+                f"vision_connector needs 'connector' and takes only {sorted(allowed)}; got "
+                f"{sorted(self.vision_connector)} (the encoders and the LLM give {list(CONNECTOR_DERIVED)})."
+            )
 
     @property
     def image_token_stride(self) -> int:
@@ -132,12 +240,15 @@ class EveConfig(LlamaConfig):
         return self.vision_patch_size * self.vision_conv_stride
 
     def num_image_tokens(self, h: int, w: int) -> int:
-        """LLM positions of an image with an (h, w) token grid: [CLS] + h rows of (w patches + [SPL])."""
-        return 1 + h * (w + 1)
+        """LLM positions of an image with an (h, w) grid: for the PEL [CLS] + h rows of (w patches + [SPL]),
+        for an encoder front-end (grid (1, T)) its T connector tokens."""
+        from eve.vision_frontends import FRONTENDS
+
+        return FRONTENDS[self.vision_frontend].num_image_tokens(h, w)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> EveConfig:
-        """An EveConfig from the PRESETS table ("tiny", "eve-7b", "eve-7b-hd"), fields overridden by keyword."""
+        """An EveConfig from the PRESETS table ("tiny", "eve-7b", "llava-1.5-7b", ...), fields overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"Unknown EVE preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})

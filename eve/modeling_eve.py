@@ -1,4 +1,5 @@
-"""EveForCausalLM: a Llama decoder that reads images through the patch embedding layer (PEL)."""
+"""EveForCausalLM: a Llama decoder that reads images through its vision front-end (the patch embedding
+layer, PEL, or pretrained encoders + a connector: eve/vision_frontends.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from transformers.modeling_outputs import ModelOutput
 
 from eve.attention import SDPA_PACKED  # noqa: F401  importing registers the "sdpa_packed" backend
 from eve.configuration_eve import IGNORE_INDEX, EveConfig
+from eve.connectors import Connector
+from eve.encoders import VisionEncoder
 from eve.patch_embedding import EvePatchEmbedding, ImageLayout
+from eve.vision_frontends import EncoderFrontend, build_frontend
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ class ImageHiddenStateCollector:
 
 
 class EveForCausalLM(PreTrainedModel, GenerationMixin):
-    """EVE: LlamaModel + lm_head + patch embedding layer; image features replace image-token runs."""
+    """EVE: LlamaModel + lm_head + vision front-end; image features replace image-token runs."""
 
     config_class = EveConfig
     config: EveConfig
@@ -127,7 +131,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: EveConfig):
         super().__init__(config)
         self.model = LlamaModel(config)  # the LLM decoder (embeddings, layers, final norm)
-        self.vision_tower = EvePatchEmbedding(config)  # PEL + projector
+        self.vision_tower = build_frontend(config)  # PEL + projector, or encoders + connector
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -141,6 +145,12 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
             # Official EVE: CLS and SPL start as torch.randn(C).
             init.normal_(module.class_embedding, mean=0.0, std=1.0)
             init.normal_(module.split_embedding, mean=0.0, std=1.0)
+        elif isinstance(module, VisionEncoder):
+            # A pretrained encoder starts from its weights file, unless from_pretrained has loaded it.
+            if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.load_source_weights()
+        elif isinstance(module, Connector) and hasattr(module, "init_weights"):
+            module.init_weights()  # the connector's own starting values (after its layers' defaults below)
         elif id(module) in vision and isinstance(module, (nn.Linear, nn.Conv2d)):
             # Official EVE builds the PEL and projector with PyTorch's default init, not N(0, 0.02).
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
@@ -152,6 +162,12 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
             init.zeros_(module.bias)
         else:
             super()._init_weights(module)  # lm_head: N(0, initializer_range)
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init step, given every module: its shortcut for code outside transformers
+        skips modules without parameters of their own (a pretrained encoder's wrapper among them), which
+        _init_weights does not need (it only uses init functions that spare loaded weights)."""
+        super()._initialize_weights(module, is_custom_code=False)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The LLM token embedding."""
@@ -172,7 +188,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------
     # Inputs
     def _check_image_runs(self, image_mask: torch.Tensor, image_grid_hw: torch.Tensor | None) -> None:
-        """Raise a ValueError unless the image-token runs match the images' 1 + h*(w+1) token counts."""
+        """Raise a ValueError unless the image-token runs match the images' token counts (num_image_tokens)."""
         # Runs of image tokens, row by row; a False column between rows keeps runs from merging.
         flat = F.pad(image_mask, (0, 1)).flatten().to(torch.int8)
         edges = torch.diff(flat, prepend=flat.new_zeros(1))
@@ -184,7 +200,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"input_ids hold {len(got)} image-token runs of lengths {got} (sum {sum(got)}, id "
                 f"{self.config.image_token_index}), but the {len(want)} images given (image_grid_hw {grid}) need "
-                f"runs of {want} (sum {sum(want)}; 1 + h*(w+1) each). Expand each <image> with EveProcessor and "
+                f"runs of {want} (sum {sum(want)}; {self.vision_tower.run_rule} each). Expand each <image> with EveProcessor and "
                 "pass exactly the images of those placeholders, in order."
             )
 
@@ -195,7 +211,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         image_grid_hw: torch.Tensor | None = None,
         layout: ImageLayout | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the PEL output scattered into the image-token runs: (B, T, D)."""
+        """Token embeddings with the vision front-end's output scattered into the image-token runs: (B, T, D)."""
         image_mask = input_ids == self.config.image_token_index  # (B, T)
         embeds = self.model.embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
         has_images = pixel_values is not None and image_grid_hw is not None and image_grid_hw.shape[0] > 0
@@ -239,7 +255,8 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         if image_hidden_layers:
             if input_ids is None or layout is None:
                 raise ValueError(
-                    "image_hidden_layers needs input_ids with image tokens and their pixel_values."
+                    "image_hidden_layers needs input_ids with image tokens, their pixel_values and the PEL "
+                    "front-end (its patch positions are what it gathers)."
                 )
             image_rows = torch.nonzero((input_ids == self.config.image_token_index).flatten()).flatten()
             collector = ImageHiddenStateCollector(
@@ -302,7 +319,16 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         return model_inputs
 
     # ----------------------------------------------------------------------------------------------
-    # Building from a plain LLM
+    # Loading and building
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained; an encoder front-end's encoders come back frozen, as built."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+        if isinstance(model.vision_tower, EncoderFrontend):
+            model.vision_tower.freeze_encoders()
+        return loaded
+
     @classmethod
     def from_llm(
         cls,
@@ -311,7 +337,8 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype | str | None = None,
         **eve_overrides,
     ) -> EveForCausalLM:
-        """EVE from a plain Llama/Vicuna checkpoint dir (or GGUF): LLM weights copied, PEL/projector initialised."""
+        """EVE from a plain Llama/Vicuna checkpoint dir (or GGUF): LLM weights copied, vision front-end
+        initialised (the PEL and projector, or the encoders from their weights and the connector)."""
         if isinstance(path_or_model, PreTrainedModel):
             llm = path_or_model
         elif gguf_file:
@@ -331,7 +358,7 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         config._attn_implementation = eve_overrides.get(
             "attn_implementation", llm.config._attn_implementation
         )
-        with init.no_init_weights():  # the LLM part is overwritten below; only the PEL needs an init
+        with init.no_init_weights():  # the LLM part is overwritten below; only the front-end needs an init
             model = cls(config)
         model.model.load_state_dict(llm.model.state_dict())
         model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
@@ -339,9 +366,10 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         model.tie_weights()
         model.to(dtype=llm.dtype)
         logger.info(
-            "Built EVE from %s: LLM %.1fM params copied, PEL + projector %.2fM params initialised.",
+            "Built EVE from %s: LLM %.1fM params copied, vision front-end (%s) %.2fM params initialised.",
             getattr(llm.config, "_name_or_path", "an in-memory LLM"),
             sum(p.numel() for p in model.model.parameters()) / 1e6,
+            config.vision_frontend,
             sum(p.numel() for p in model.vision_tower.parameters()) / 1e6,
         )
         return model

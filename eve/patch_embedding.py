@@ -168,6 +168,14 @@ class EvePatchEmbedding(nn.Module):
         self.split_embedding = nn.Parameter(torch.empty(dim))  # SPL, closes every row
         self.projector = Projector(dim, config.hidden_size)
 
+    run_rule = "1 + h*(w+1)"
+    """num_image_tokens in words (for error messages)."""
+
+    @staticmethod
+    def num_image_tokens(h: int, w: int) -> int:
+        """LLM positions of an (h, w) token grid: [CLS] + h rows of (w patches + [SPL])."""
+        return 1 + h * (w + 1)
+
     def layout(self, image_grid_hw: torch.Tensor) -> ImageLayout:
         """The index arithmetic for a batch of (h, w) token grids, on this module's device."""
         return ImageLayout.build(image_grid_hw, self.conv.weight.device)

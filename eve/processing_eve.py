@@ -1,10 +1,11 @@
-"""EveProcessor: tokenizer + EveImageProcessor + chat templates -> model inputs with masked labels.
+"""EveProcessor: tokenizer + the front-end's image processor + chat templates -> model inputs with masked labels.
 
 Tokenization (one routine for training samples and generation prompts, so they agree token for token):
 `<s>` first, then the text is cut at every `<image>` placeholder and every `</s>`; each text run is
 encoded on its own (SentencePiece's dummy prefix "▁" at the start of each run), which is what the
 official LLaVA/EVE `tokenizer_image_token` with Vicuna's legacy tokenizer produces; each `<image>`
-becomes a run of exactly 1 + h*(w+1) `image_token_index` ids and each `</s>` the eos id. Labels come
+becomes a run of `image_token_index` ids as long as the image processor says (PEL: 1 + h*(w+1); encoder
+front-end: the connector's T) and each `</s>` the eos id. Labels come
 from character offsets of the template's target pieces: a token is supervised iff its first character
 is in a target piece. The answer's leading space is part of the target, so the first answer token is
 "▁Yes", exactly what greedy decoding emits after a prompt ending in "ASSISTANT:"; tests check that the
@@ -27,6 +28,11 @@ import torch
 from transformers.image_processing_base import BatchFeature
 
 from eve.configuration_eve import IGNORE_INDEX
+from eve.image_processing_encoders import (
+    EncoderImageProcessor,
+    image_processor_from_config,
+    image_processor_from_pretrained,
+)
 from eve.image_processing_eve import EveImageProcessor, ImageInput, ImageLoadError
 from eve.templates import IMAGE_PLACEHOLDER, ChatTemplate, conversation_to_pieces, get_template
 from eve.templates import build_prompt as _build_prompt
@@ -42,7 +48,7 @@ class EveProcessor:
     def __init__(
         self,
         tokenizer,
-        image_processor: EveImageProcessor | None = None,
+        image_processor: EveImageProcessor | EncoderImageProcessor | None = None,
         image_token_index: int = -200,
         template: str = "vicuna_v1",
     ) -> None:
@@ -59,8 +65,8 @@ class EveProcessor:
 
     @classmethod
     def from_config(cls, tokenizer, config, template: str = "vicuna_v1") -> EveProcessor:
-        """A processor matching an EveConfig (image processor settings and image_token_index)."""
-        return cls(tokenizer, EveImageProcessor.from_config(config), config.image_token_index, template)
+        """A processor matching an EveConfig (its front-end's image processor and image_token_index)."""
+        return cls(tokenizer, image_processor_from_config(config), config.image_token_index, template)
 
     @property
     def pad_token_id(self) -> int:
@@ -275,14 +281,14 @@ class EveProcessor:
         config.pop("processor_class", None)
         config.update(overrides)
         if (path / "preprocessor_config.json").exists():
-            image_processor = EveImageProcessor.from_pretrained(str(path))
+            image_processor = image_processor_from_pretrained(path)
         elif (
             path / "config.json"
         ).exists():  # a model export without processor files: derive from its config
             from eve.configuration_eve import EveConfig
 
             model_config = EveConfig.from_pretrained(str(path))
-            image_processor = EveImageProcessor.from_config(model_config)
+            image_processor = image_processor_from_config(model_config)
             config.setdefault("image_token_index", model_config.image_token_index)
         else:
             raise FileNotFoundError(

@@ -1,8 +1,10 @@
 """Patch Aligning Layer (PAL): distils the LLM's image positions against frozen teacher features.
 
-The official EVE `VisionCompressor`, batched (docs/architecture.md). For each teacher the PAL reads
-the LLM hidden states at layers L, L-step, ..., 0 (HF `hidden_states` indices), at image patch
-positions only (the model gathers them by hooks: `image_hidden_states`, each (N, D) with
+The official EVE `VisionCompressor`, batched (docs/architecture.md). One head per aligning level:
+a teacher's one layer, or each of its `levels` (e.g. a shallow and a deep layer, each with its own
+head and loss weight; the levels of a teacher share its grid, so their pooling is done once). Each
+head reads the LLM hidden states at layers L, L-step, ..., 0 (HF `hidden_states` indices), at image
+patch positions only (the model gathers them by hooks: `image_hidden_states`, each (N, D) with
 N = sum(h_i * w_i)), and:
 1. average-pools every image's student grid (h, w) onto the teacher's *valid* grid (vh, vw), the
    patch-aligned box where the centred image lies on the teacher's canvas (EVE: the same grid;
@@ -17,6 +19,7 @@ N = sum(h_i * w_i)), and:
 
 Pooling happens before the projections: the head is per token, so pooling first costs 4x less
 in HD and compares like with like (one prediction per teacher patch), as the official code does.
+The total PAL loss is the sum over levels of weight x level loss.
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ def layers_for(num_hidden_layers: int, step: int = 4) -> list[int]:
 
 @dataclass
 class AlignerConfig:
-    """Shape of the aligning heads (one head per teacher); saved beside the export."""
+    """Shape of the aligning heads (one head per aligning level); saved beside the export."""
 
     hidden_size: int
     """D, the LLM width."""
     teacher_widths: list[int]
-    """Ct of each teacher, in teacher order."""
+    """Ct of each head: one per aligning level (a teacher's layer), in teacher order."""
     layers: list[int]
     """HF hidden-state indices read by the PAL, the first one is L (the query layer)."""
     num_heads: int = 8
@@ -61,7 +64,10 @@ class AlignerConfig:
     attn_scale: str = "official"
     """Logit scale of the cross-layer attention: "official" = Ct^-0.5, "head_dim" = (Ct/heads)^-0.5."""
     loss_weights: list[float] = field(default_factory=lambda: [1.0])
-    """Weight of each teacher's loss in the total loss (EVE: 1.0)."""
+    """Weight of each head's loss in the total loss (EVE: 1.0)."""
+    names: list[str] | None = None
+    """Aligning level of each head (`TeacherSet.names`, "timm:efficientnet_lite0@-3"), so that a next
+    stage continues heads only onto the same levels; None in exports written before heads had names."""
 
     def __post_init__(self) -> None:
         if len(self.loss_weights) == 1 and len(self.teacher_widths) > 1:
@@ -69,8 +75,10 @@ class AlignerConfig:
         if len(self.loss_weights) != len(self.teacher_widths):
             raise ValueError(
                 f"AlignerConfig: {len(self.loss_weights)} loss weights for {len(self.teacher_widths)} "
-                "teachers; give one weight per teacher"
+                "heads; give one weight per head"
             )
+        if self.names is not None and len(self.names) != len(self.teacher_widths):
+            raise ValueError(f"AlignerConfig: names {self.names} for {len(self.teacher_widths)} heads")
         if not self.layers:
             raise ValueError("AlignerConfig.layers is empty; use layers_for(num_hidden_layers, step)")
         if self.attn_scale not in ATTN_SCALES:
@@ -240,7 +248,7 @@ def cosine_alignment_loss(
 
 
 class PatchAligner(nn.Module):
-    """All aligning heads (one per teacher) and the combined, weighted PAL loss."""
+    """All aligning heads (one per aligning level) and the combined, weighted PAL loss."""
 
     def __init__(self, config: AlignerConfig) -> None:
         super().__init__()
@@ -261,11 +269,11 @@ class PatchAligner(nn.Module):
         image_grid_hw: torch.Tensor,
         teacher_outputs: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Weighted total PAL loss and the per-teacher losses.
+        """Weighted total PAL loss and the per-level losses.
 
         image_hidden_states: per layer of `self.layers`, (N, D) patch tokens of all images;
-        image_grid_hw: (n, 2) student grids; teacher_outputs: per teacher (features (n, th, tw, Ct),
-        valid (n, th, tw)), one row per image in the same order.
+        image_grid_hw: (n, 2) student grids; teacher_outputs: per aligning level (features
+        (n, th, tw, Ct), valid (n, th, tw)), one row per image in the same order.
         """
         if len(teacher_outputs) != len(self.heads):
             raise ValueError(
@@ -273,6 +281,7 @@ class PatchAligner(nn.Module):
             )
         n = image_grid_hw.shape[0]
         losses = []
+        last_valid, last_grid = None, None  # of the previous level, whose plan and pooled rows are kept
         for head, (feats, valid) in zip(self.heads, teacher_outputs):
             if feats.shape[0] != n:
                 raise ValueError(
@@ -280,8 +289,11 @@ class PatchAligner(nn.Module):
                     "(image_grid_hw); teacher_pixel_values must have one row per image"
                 )
             th, tw = feats.shape[1:3]
-            plan = pooling_plan(image_grid_hw.cpu(), valid_boxes(valid).cpu(), (th, tw))
-            pooled = [apply_pooling(h, plan) for h in image_hidden_states]  # each (M, D)
+            # The levels of one teacher share its valid mask (one tensor) and grid: pool them once.
+            if valid is not last_valid or (th, tw) != last_grid:
+                plan = pooling_plan(image_grid_hw.cpu(), valid_boxes(valid).cpu(), (th, tw))
+                pooled = [apply_pooling(h, plan) for h in image_hidden_states]  # each (M, D)
+                last_valid, last_grid = valid, (th, tw)
             pred = head(pooled)  # (M, Ct)
             target = feats.reshape(-1, feats.shape[-1])[plan.teacher_index.to(feats.device)]
             losses.append(cosine_alignment_loss(pred, target, plan.image.to(pred.device), n))

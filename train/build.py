@@ -69,10 +69,10 @@ def llm_dir(config: RunConfig) -> Path | None:
     """Stage 1's LLM directory, or None for a random tiny LLM (other presets need one)."""
     mc = config.model
     if mc.llm_path is None:
-        if mc.preset != "tiny":
+        if not mc.preset.startswith("tiny"):
             raise ValueError(
                 f"model.llm_path is not set: preset {mc.preset!r} starts from a pretrained LLM "
-                "(EVE-7B: Vicuna-7B v1.5); only the 'tiny' preset may start from a random LLM"
+                "(EVE-7B: Vicuna-7B v1.5); only the 'tiny*' presets may start from a random LLM"
             )
         return None
     return _require_dir(
@@ -86,6 +86,14 @@ def check_inputs(config: RunConfig, stage: Stage) -> None:
     """Fail before any process group or model is built when a path in the config is missing."""
     if init_dir(config, stage) is None:
         llm_dir(config)
+        mc = config.model
+        encoders = mc.overrides.get("vision_encoders", PRESETS.get(mc.preset, {}).get("vision_encoders", []))
+        for i, encoder in enumerate(encoders):
+            if encoder.get("path") is not None and not Path(encoder["path"]).exists():
+                raise FileNotFoundError(
+                    f"vision_encoders[{i}].path {encoder['path']!r} of preset {mc.preset!r} does not exist: "
+                    "set the encoders' local paths with model.overrides.vision_encoders"
+                )
     if config.train.deepspeed is not None and not Path(config.train.deepspeed).is_file():
         raise FileNotFoundError(
             f"train.deepspeed: {config.train.deepspeed} does not exist (see configs/deepspeed/)"
@@ -153,12 +161,15 @@ def build_aligner(config: RunConfig, model: nn.Module, teachers: TeacherSet) -> 
         num_heads=config.aligning.num_heads,
         attn_scale=config.aligning.attn_scale,
         loss_weights=teachers.loss_weights,
+        names=teachers.names,
     )
     init_path = config.model.init_path
     if init_path is not None and (Path(init_path) / ALIGNER_CONFIG).is_file():
         saved = PatchAligner.load(init_path)
-        if dataclasses.replace(saved.config, loss_weights=wanted.loss_weights) == wanted:
-            saved.config = wanted  # loss weights come from this run's teachers
+        # Loss weights come from this run; heads saved without names (older exports) match by shape.
+        names = saved.config.names or wanted.names
+        if dataclasses.replace(saved.config, loss_weights=wanted.loss_weights, names=names) == wanted:
+            saved.config = wanted
             logger.info("aligning layer continued from %s", init_path)
             return saved
         logger.warning(

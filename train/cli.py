@@ -1,4 +1,4 @@
-"""The command line shared by the three entry scripts: `--config X.yaml --section.key value ...`."""
+"""The command line shared by the entry scripts: `--config X.yaml --section.key value ...`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from eve.console import setup_logging
 from train.config import config_from_argv, help_text
 from train.engine import train
 
-SCRIPTS = {"stage1": "pretrain_stage1.py", "stage2": "pretrain_stage2.py", "sft": "sft.py"}
+SCRIPTS = {
+    "stage1": "pretrain_stage1.py",
+    "stage2": "pretrain_stage2.py",
+    "sft": "sft.py",
+    "align": "align.py",
+}
 """Entry script of each stage (in train/)."""
 
 

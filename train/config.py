@@ -24,7 +24,9 @@ class ModelConfig:
     """Which model to train and how to build it."""
 
     preset: str = "tiny"
-    """`EveConfig` preset ("tiny", "eve-7b", "eve-7b-hd") used when a new model is built from an LLM."""
+    """`EveConfig` preset used when a new model is built from an LLM: "tiny", "eve-7b", "eve-7b-hd" (PEL)
+    or an encoder front-end ("llava-1.5-7b", "mof-interleaved-7b", "comm-7b", "cambrian-sva-7b",
+    "tiny-encoders", "tiny-encoders-mof"; their encoder paths via overrides.vision_encoders)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """`EveConfig` field overrides: on top of the preset for a new model, or of the loaded config of
     `init_path` (e.g. `max_image_size: 1344` for HD fine-tuning of a 672-px model)."""
@@ -52,7 +54,7 @@ class StageConfig:
     """Which row of the stage table (train/stages.py) this run is."""
 
     name: str | None = None
-    """"stage1", "stage2" or "sft"; None: the entry script's stage (a different name is an error)."""
+    """"stage1", "stage2", "sft" or "align"; None: the entry script's stage (a different name is an error)."""
 
 
 @dataclass
@@ -107,9 +109,13 @@ class OptimConfig:
     lr: float = 4e-4
     """Peak learning rate (after warm-up)."""
     lr_scale: dict[str, float] = field(default_factory=dict)
-    """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner"), on top of the stage table."""
+    """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner", "encoders"), on top of the
+    stage table."""
     frozen: list[str] = field(default_factory=list)
     """Groups kept frozen although the stage table trains them (e.g. ["vision", "projector"])."""
+    unfrozen: list[str] = field(default_factory=list)
+    """Groups trained although the stage table freezes them, at multiplier 1 (e.g. ["encoders"]: the
+    pretrained encoders of an encoder front-end, frozen in every stage by default)."""
     frozen_llm_layers: int = 0
     """Keep the LLM's input embeddings and its first N decoder layers frozen (0: none); the layers
     above, the final norm and the LM head train as the stage says (with tied input and output

@@ -152,7 +152,7 @@ class Trainer:
     def train_step(self, micro: list[dict[str, torch.Tensor]]) -> StepStats:
         """Forward/backward over this rank's micro-batches and one optimizer step."""
         teachers, weights = self.teachers, self.teachers.loss_weights
-        n_teachers = len(teachers.teachers)
+        n_teachers = len(teachers.names)  # aligning levels: one per teacher layer
         # Global normalisers: supervised tokens and, per teacher, aligned images of the whole step.
         local = [0.0] * (2 + n_teachers)
         for batch in micro:
@@ -255,6 +255,7 @@ def train(config: RunConfig) -> Path:
         oc.lr_scale,
         frozen=oc.frozen,
         frozen_modules=lower_llm_modules(model, oc.frozen_llm_layers),
+        unfrozen=oc.unfrozen,
     )
     log_parameter_counts(stage, groups)
     torch.manual_seed(tc.seed + dist_info.rank)  # per-rank randomness from here on
@@ -328,8 +329,8 @@ def train(config: RunConfig) -> Path:
                 "lr": lr,
                 "tokens_per_s": stats.tokens / (time.perf_counter() - t0),
             }
-            for t, value in zip((t.config for t in teachers.teachers), stats.per_teacher):
-                record[f"align_loss/{t.backend}:{t.name}"] = value
+            for name, value in zip(teachers.names, stats.per_teacher):
+                record[f"align_loss/{name}"] = value
             metrics.write(record)
         progress.update(1)
         progress.set_postfix(

@@ -19,8 +19,9 @@ Images are numbered in the order their token runs appear (row by row, left to ri
 pixel_values are concatenated, image_grid_hw and the teacher tensors stacked in that order.
 
 ZeRO-3: every rank must run the same parameter gathers, so a batch without any image gets a dummy
-image (`DummyImage`): a 1x1-token image (3 positions, labels -100) in its own packed segment (or
-its own padded row), zero pixels, teacher box all 0. It adds no CE term and no aligning term (no
+image (`DummyImage`): a 1x1-token image (3 positions, labels -100; an encoder front-end's: one zero
+row of its views, T positions) in its own packed segment (or its own padded row), zero pixels,
+teacher box all 0. It adds no CE term and no aligning term (no
 valid teacher patch) yet runs the PEL, the aligning heads and the teacher like any image.
 """
 
@@ -38,21 +39,21 @@ from train.teacher import teacher_keys
 
 @dataclass
 class DummyImage:
-    """The 1x1-token placeholder image added to image-free batches (ZeRO-3 lockstep)."""
+    """The smallest placeholder image added to image-free batches (ZeRO-3 lockstep): the PEL's 1x1-token
+    image, or for an encoder front-end one zero row of its views (T tokens)."""
 
     patch_dim: int
-    """3 * p * p, the width of a pixel_values row."""
+    """Width of a pixel_values row: 3 * p * p (PEL), every encoder view's 3 * S * S (encoder front-end)."""
     conv_stride: int
-    """s: a 1x1 token grid holds s*s patches."""
+    """s: a 1x1 token grid holds s*s patch rows (PEL); 1 for an encoder front-end (one row per image)."""
     image_token_index: int = -200
     """Id of image positions in input_ids."""
     teacher_sizes: list[int] = field(default_factory=list)
     """S of each distinct teacher view (one zero view per entry)."""
-
-    @property
-    def num_tokens(self) -> int:
-        """1 + h*(w+1) for h = w = 1."""
-        return 3
+    grid_hw: tuple[int, int] = (1, 1)
+    """Its image_grid_hw: (1, 1) for the PEL, (1, T) for an encoder front-end."""
+    num_tokens: int = 3
+    """Its positions in input_ids: 1 + h*(w+1) = 3 for the PEL's 1x1 grid, T for an encoder front-end."""
 
     def sample(self) -> dict:
         """A sample dict holding only the dummy image (no supervised token)."""
@@ -60,7 +61,7 @@ class DummyImage:
             "input_ids": [self.image_token_index] * self.num_tokens,
             "labels": [IGNORE_INDEX] * self.num_tokens,
             "pixel_values": torch.zeros(self.conv_stride**2, self.patch_dim),
-            "image_grid_hw": torch.tensor([[1, 1]]),
+            "image_grid_hw": torch.tensor([list(self.grid_hw)]),
         }
         for i, size in enumerate(self.teacher_sizes):
             pix, boxes = teacher_keys(i)
@@ -71,6 +72,13 @@ class DummyImage:
     @classmethod
     def from_config(cls, config, teacher_sizes: Sequence[int] = ()) -> DummyImage:
         """From an EveConfig and the teacher view sizes."""
+        if config.vision_frontend == "encoders":
+            from eve.image_processing_encoders import EncoderImageProcessor
+
+            processor = EncoderImageProcessor.from_config(config)
+            width = sum(3 * v["image_size"] ** 2 for v in processor.views)
+            tokens = processor.num_tokens
+            return cls(width, 1, config.image_token_index, list(teacher_sizes), (1, tokens), tokens)
         p, s = config.vision_patch_size, config.vision_conv_stride
         return cls(3 * p * p, s, config.image_token_index, list(teacher_sizes))
 

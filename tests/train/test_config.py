@@ -36,7 +36,10 @@ def test_every_training_yaml_is_covered():
         "tiny/stage1.yaml",
         "tiny/stage2.yaml",
         "tiny/sft.yaml",
+        "tiny/stage1_multilevel.yaml",  # multi-level aligning (tests/train/test_multilevel.py)
+        "tiny/stage2_multilevel.yaml",
         "eve7b/stage1.yaml",
+        "eve7b/stage1_multiteacher.yaml",
         "eve7b/stage2.yaml",
         "eve7b/sft.yaml",
         "eve7b_hd/sft.yaml",
@@ -47,7 +50,7 @@ def test_every_training_yaml_is_covered():
 def test_yaml_loads_and_is_consistent(path):
     config = load_config(path)
     stage = STAGES[config.stage.name]
-    assert path.stem == {"stage1": "stage1", "stage2": "stage2", "sft": "sft"}[stage.name]
+    assert path.stem.split("_")[0] == {"stage1": "stage1", "stage2": "stage2", "sft": "sft"}[stage.name]
     # The YAML's template is the stage's template; the optimizer follows the paper's recipe.
     assert config.data.template == stage.template
     assert config.optim.weight_decay == 0.0 and config.optim.schedule == "cosine"
@@ -77,7 +80,8 @@ def test_7b_configs_have_the_paper_numbers(family):
         assert config.aligning.layer_step == 4, path  # layers 32, 28, ..., 0 of Vicuna-7B
         assert config.train.epochs == 1.0 and config.train.max_steps is None, path
         teacher = config.teachers[0]
-        assert (teacher.image_size, teacher.layer) == (336, -2), path  # CLIP-L/14-336, penultimate
+        deepest = teacher.resolved_levels()[-1].layer
+        assert (teacher.image_size, deepest) == (336, -2), path  # CLIP-L/14-336, penultimate
 
 
 def test_hd_sft_raises_the_image_size():

@@ -12,9 +12,9 @@ from train.teacher import (
     TeacherSet,
     TeacherView,
     build_teacher,
-    load_timm_weights,
     teacher_keys,
 )
+from train.teacher_backends import load_timm_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_lite0_real_weights_match_timm_forward(lite0):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = full.blocks[:5](full.bn1(full.conv_stem(x))).permute(0, 2, 3, 1)
-    feats, valid = lite0(x, torch.tensor([[0, 0, 64, 64], [0, 0, 64, 64]]))
+    ((feats, valid),) = lite0(x, torch.tensor([[0, 0, 64, 64], [0, 0, 64, 64]]))  # one level
     assert lite0.width == 112 and lite0.stride == 16 and feats.shape == (2, 4, 4, 112)
     torch.testing.assert_close(feats, ref, atol=0, rtol=0)  # same modules, same weights: bitwise
     assert valid.all()
@@ -64,7 +64,7 @@ def test_valid_mask_of_boxes(lite0):
     # of 20 x 64 px at top 16 covers rows 1..2 (16..36 px overlaps patches 1 and 2); a dummy box
     # (all 0) covers nothing.
     x = torch.zeros(3, 3, 64, 64)
-    _, valid = lite0(x, torch.tensor([[0, 16, 64, 32], [16, 0, 20, 64], [0, 0, 0, 0]]))
+    ((_, valid),) = lite0(x, torch.tensor([[0, 16, 64, 32], [16, 0, 20, 64], [0, 0, 0, 0]]))
     expect = torch.zeros(3, 4, 4, dtype=torch.bool)
     expect[0, :, 1:3] = True
     expect[1, 1:3, :] = True
@@ -140,7 +140,7 @@ def test_teacher_view_of_a_real_photo_and_mode(lite0):
     top, left, h, w = out["teacher_image_boxes"][0].tolist()
     # 64 * 300 / 512 = 37.5 px -> 3 patches of 16 = 48 px; offset (4 - 3) // 2 = 0 patches.
     assert (top, left, h, w) == (0, 0, 64, 48) and view.patch == 16
-    _, valid = lite0(out["teacher_pixel_values"], out["teacher_image_boxes"])
+    ((_, valid),) = lite0(out["teacher_pixel_values"], out["teacher_image_boxes"])
     assert valid[0].sum().item() == 4 * 3 and valid[0, :, 3].any().item() is False
 
 
