@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-all lint curate pretrain-stage1 pretrain-stage2 sft eval demo bench clean
+.PHONY: install test test-slow test-all lint curate pretrain-stage1 pretrain-stage2 sft eval demo compare bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ eval: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m train.demo --run-dir $(RUN) $(ARGS)
+
+# encoder-free vs encoder-based on the demo's data (ARGS="--quick" or ARGS="--variants eve,llava")
+compare: $(STAMP)
+	$(PY) -m train.compare --run-dir runs/compare $(ARGS)
 
 bench: $(STAMP)
 	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

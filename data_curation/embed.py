@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from eve.encoders import load_timm_weights
+
 from .common import (
     ImageDecodeError,
     Record,
@@ -58,28 +60,6 @@ def resolve_weights(spec: str | None) -> str | None:
             f"embed.weights {spec} does not exist; give a local weights file (nothing downloads)"
         )
     return spec
-
-
-def load_timm_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict into a timm model; a checkpoint from another implementation of the same
-    network (e.g. efficientnet_pytorch's `_blocks.*` names) is mapped by order when every shape agrees."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
-    own = model.state_dict()
-    if set(own) <= set(sd):
-        model.load_state_dict({k: sd[k] for k in own})
-        return
-    # Same architecture, other names: pair tensors in definition order, skipping BN step counters
-    # and the classifier (num_classes=0 here, so the source's head is left over).
-    src = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in own if not k.endswith("num_batches_tracked")]
-    if len(src) < len(dst) or any(src[i][1].shape != own[k].shape for i, k in enumerate(dst)):
-        raise ValueError(
-            f"{path}: its tensors do not match timm model {type(model).__name__} by name or by order/shape; "
-            "give weights saved from the same architecture"
-        )
-    model.load_state_dict({k: src[i][1] for i, k in enumerate(dst)}, strict=False)
-    logger.info("embed: %s mapped onto timm names by order (%d tensors)", path, len(dst))
 
 
 class FeatureExtractor(nn.Module):
@@ -127,7 +107,7 @@ def build_extractor(ecfg: EmbedConfig, device: torch.device) -> tuple[FeatureExt
 
         net = timm.create_model(ecfg.model, pretrained=False, num_classes=0)  # num_classes=0: pooled features
         if weights:
-            load_timm_weights(net, weights)
+            load_timm_weights(net, weights, ecfg.model)
         mean = tuple(net.pretrained_cfg.get("mean", IMAGENET_MEAN))
         std = tuple(net.pretrained_cfg.get("std", IMAGENET_STD))
         size = ecfg.image_size or int(net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eve.encoders import load_timm_weights, timm_weights_path
 from eve.image_processing_eve import CLIP_MEAN, CLIP_STD
 from train.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherConfig
 
@@ -49,11 +50,7 @@ class TimmTeacher(Teacher):
             std=model.pretrained_cfg.get("std", IMAGENET_STD),
         )
         self.model, self.map_indices = model, maps
-        weights = config.weights
-        if weights is None and config.name == "efficientnet_lite0":
-            from eve.assets import efficientnet_lite0_weights_path
-
-            weights = str(efficientnet_lite0_weights_path())
+        weights = timm_weights_path(config.name, config.weights)
         if weights is not None:
             load_timm_weights(model, weights, config.name)
         else:
@@ -63,38 +60,6 @@ class TimmTeacher(Teacher):
         """Per level (n, h, w, C) of its feature map, from one pass of the model."""
         maps = self.model(x)
         return [maps[i].permute(0, 2, 3, 1) for i in self.map_indices]
-
-
-def load_timm_weights(model: nn.Module, path: str, name: str) -> None:
-    """Load a local state dict into a timm model (features_only or not) with strict key matching.
-
-    Keys are used as-is when they match timm's; otherwise (the efficientnet-lite0 package uses the
-    lukemelas naming) they are mapped one-to-one in order after checking that every shape agrees.
-    """
-    import timm
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    full = timm.create_model(name, pretrained=False)  # the classifier-bearing layout the file matches
-    target = full.state_dict()
-    if set(state) != set(target):
-        if len(state) != len(target):
-            raise ValueError(
-                f"{path}: {len(state)} tensors cannot map onto timm '{name}' ({len(target)} tensors); "
-                "pass weights saved from this architecture"
-            )
-        for (src, a), (dst, b) in zip(state.items(), target.items()):
-            if a.shape != b.shape:
-                raise ValueError(f"{path}: tensor {src} {tuple(a.shape)} does not fit {dst} {tuple(b.shape)}")
-        state = dict(zip(target, state.values()))
-    full.load_state_dict(state, strict=True)
-    # features_only models hold the same modules minus the head: copy the common keys, all must exist.
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"{path}: no weights for {missing[:3]} of the features_only '{name}' model")
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 class OpenClipTeacher(Teacher):

@@ -1,0 +1,341 @@
+"""`make compare`: encoder-free vs encoder-based models on identical data, LLM and schedule.
+
+    python -m train.compare [--run-dir runs/compare] [--variants eve,llava] [--quick] [--force]
+
+Every variant is one row of VARIANTS (a model preset, its front-end settings and its teachers) and
+goes through the same two stages with the same data, random tiny LLM, seed, steps and learning rates:
+
+1. pre-training on the curated caption shards (`make curate`; the demo's data), everything trains
+   but the pretrained encoders and the teacher: the encoder-free variants through stage 1's table row
+   (patch embedding, projector, aligning heads) plus the LLM, the encoder-based ones through the
+   `align` row (the connector) plus the LLM;
+2. SFT on the easy-vqa conversations (everything but the encoders and the teacher trains);
+
+then greedy answers to the first `--eval-limit` easy-vqa test questions. Each step is a separate
+process running the shipped entry points (train/pretrain_stage1.py, train/align.py, train/sft.py,
+`python -m eve.eval`); a finished step is skipped on a re-run (`--force` redoes it). It writes
+`compare.json`, `compare.md` (the table) and `compare.png` (accuracy vs training cost) in the run
+directory. With the 7B presets and real weights the same stages run on a GPU cluster from YAML configs
+(docs/compare.md).
+
+On CPU the embedded efficientnet-lite0 (real ImageNet weights) is the only pretrained encoder that
+installs from the package registry; the two-encoder connectors pair its stride-16 map at 128 px with
+its stride-32 map at 256 px (both 8 x 8), standing in for CLIP + DINOv2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eve.console import setup_logging
+from train.demo import REPO, Step, run_step
+from train.rundir import EXPORT_MARKER
+
+logger = logging.getLogger(__name__)
+
+# The embedded teacher (as in configs/tiny/stage1.yaml) and its two-level form (stage1_multilevel.yaml)
+TEACHER = {"backend": "timm", "name": "efficientnet_lite0", "image_size": 128, "bf16": True}
+ONE_LEVEL = [{**TEACHER, "layer": -2, "loss_weight": 1.0}]
+TWO_LEVELS = [{**TEACHER, "levels": [{"layer": -3, "loss_weight": 1.0}, {"layer": -2, "loss_weight": 1.0}]}]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared model: a preset, front-end overrides and teachers (empty: no aligning loss)."""
+
+    title: str
+    preset: str
+    teachers: list = field(default_factory=list)
+    connector: dict | None = None
+    """`vision_connector` of an encoder preset (None: the preset's own)."""
+
+    @property
+    def encoder_free(self) -> bool:
+        return not self.preset.startswith("tiny-encoders")
+
+
+VARIANTS: dict[str, Variant] = {
+    "eve": Variant("EVE: patch embedding, aligning loss (one teacher level)", "tiny", ONE_LEVEL),
+    "eve-multilevel": Variant("EVE, aligning to a shallow and a deep teacher level", "tiny", TWO_LEVELS),
+    "eve-noalign": Variant("EVE without the aligning loss", "tiny"),
+    "llava": Variant("LLaVA-1.5: encoder + mlp2x_gelu", "tiny-encoders"),
+    "mof-interleaved": Variant("MoF: two encoders, tokens interleaved", "tiny-encoders-mof"),
+    "mof-additive": Variant(
+        "MoF: two encoders, weighted sum", "tiny-encoders-mof", connector={"connector": "mof_additive"}
+    ),
+    "comm": Variant(
+        "COMM: LLN-Layerscale merging, MLP on the second encoder",
+        "tiny-encoders-mof",
+        connector={"connector": "comm", "comm_merge": "lln_layerscale"},
+    ),
+    "sva": Variant(
+        "Cambrian SVA: 8x8 query grid over both encoders",
+        "tiny-encoders-mof",
+        connector={
+            "connector": "sva",
+            "sva_width": 128,
+            "sva_heads": 4,
+            "sva_depth": 2,
+            "sva_query_grid": [8, 8],
+        },
+    ),
+    "pargo": Variant(
+        "ParGo: 32 partial + 4 global queries",
+        "tiny-encoders",
+        connector={
+            "connector": "pargo",
+            "pargo_partial": 32,
+            "pargo_global": 4,
+            "pargo_width": 128,
+            "pargo_heads": 4,
+            "pargo_ffn": 256,
+            "pargo_layers": 2,
+        },
+    ),
+}
+QUICK = ("eve", "llava", "mof-interleaved")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every variant gets (identical across variants)."""
+
+    pretrain_steps: int = 120
+    sft_steps: int = 160
+    batch_size: int = 32
+    lr: float = 1e-3
+    eval_limit: int = 1000
+    seed: int = 0
+
+
+def variant_steps(name: str, variant: Variant, run: Path, data: Path, sched: Schedule) -> list[Step]:
+    """The pre-training, SFT and evaluation steps of one variant, as command lines."""
+    out = run / name
+    common = [
+        f"--train.global_batch_size={sched.batch_size}",
+        f"--train.micro_batch_size={sched.batch_size}",
+        f"--train.seed={sched.seed}",
+        f"--optim.lr={sched.lr}",
+        "--train.save_every=0",
+        "--train.resume=auto",
+        f"--teachers={json.dumps(variant.teachers)}",
+        "--optim.unfrozen=" + json.dumps(["llm"]),
+    ]
+    model = [f"--model.preset={variant.preset}"]
+    if variant.connector is not None:
+        model.append("--model.overrides=" + json.dumps({"vision_connector": variant.connector}))
+    first, script = ("stage1", "pretrain_stage1.py") if variant.encoder_free else ("align", "align.py")
+    pretrain = [
+        sys.executable,
+        str(REPO / "train" / script),
+        "--config",
+        str(REPO / "configs/tiny/stage1.yaml"),
+        f"--stage.name={first}",
+        f"--train.output_dir={out / 'pretrain'}",
+        f"--train.max_steps={sched.pretrain_steps}",
+        "--data.shards=" + json.dumps([str(data / "curated" / "shards" / "*.tar")]),
+        *model,
+        *common,
+    ]
+    sft = [
+        sys.executable,
+        str(REPO / "train" / "sft.py"),
+        "--config",
+        str(REPO / "configs/tiny/sft.yaml"),
+        f"--train.output_dir={out / 'sft'}",
+        f"--train.max_steps={sched.sft_steps}",
+        f"--data.json={data / 'sft_easy_vqa.json'}",
+        f"--data.image_root={data}",
+        f"--model.init_path={out / 'pretrain' / 'export'}",
+        "--optim.frozen=[]",
+        "--optim.frozen_llm_layers=0",
+        *common,
+    ]
+    evaluate = [sys.executable, "-m", "eve.eval", "--model", str(out / "sft" / "export")]
+    evaluate += ["--benchmark", "easy_vqa", "--out", str(out / "eval"), "--batch-size", "64"]
+    evaluate += ["--limit", str(sched.eval_limit)]
+    return [
+        Step("pretrain", pretrain, out / "pretrain" / "export" / EXPORT_MARKER, out / "pretrain"),
+        Step("sft", sft, out / "sft" / "export" / EXPORT_MARKER, out / "sft"),
+        Step("eval", evaluate, out / "eval" / "easy_vqa.json", out / "eval"),
+    ]
+
+
+def mean_tokens_per_s(metrics: Path) -> float | None:
+    """Mean training tokens/s over a stage's logged steps (the first, warm-up, step left out)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    values = [r["tokens_per_s"] for r in rows[1:] if "tokens_per_s" in r]
+    return sum(values) / len(values) if values else None
+
+
+def model_facts(export: Path) -> dict:
+    """Parameters (total, trained in SFT = all but the frozen encoders) and image tokens per 64-px image."""
+    from eve.inference import load_model
+
+    model, _ = load_model(export, "cpu", "float32")
+    total = sum(p.numel() for p in model.parameters())
+    encoders = getattr(model.vision_tower, "encoders", None)
+    frozen = sum(p.numel() for p in encoders.parameters()) if encoders is not None else 0
+    return {
+        "params_total": total,
+        "params_trained": total - frozen,
+        # an encoder front-end's fixed T tokens; the PEL's 1 + h*(w+1) for the 8 x 8 grid of 64 px
+        "image_tokens": getattr(model.vision_tower, "num_tokens", None)
+        or model.vision_tower.num_image_tokens(8, 8),
+    }
+
+
+def summarize(name: str, variant: Variant, out: Path, wall: dict[str, float]) -> dict:
+    """One table row from a finished variant's files."""
+    result = json.loads((out / "eval" / "easy_vqa.json").read_text())
+    row = {
+        "variant": name,
+        "title": variant.title,
+        "encoder_free": variant.encoder_free,
+        "accuracy": result["accuracy"],
+        "n": result["n"],
+        **{cat: r["accuracy"] for cat, r in result["per_category"].items()},
+        **model_facts(out / "sft" / "export"),
+        "pretrain_tokens_per_s": mean_tokens_per_s(out / "pretrain" / "metrics.jsonl"),
+        "sft_tokens_per_s": mean_tokens_per_s(out / "sft" / "metrics.jsonl"),
+    }
+    timings = out / "timings.json"
+    saved = json.loads(timings.read_text()) if timings.is_file() else {}
+    saved.update(wall)
+    timings.write_text(json.dumps(saved))
+    row["wall_s"] = round(sum(saved.values()), 1)
+    return row
+
+
+def _pct(row: dict, key: str) -> str:
+    return f"{100 * row[key]:.1f}%" if row.get(key) is not None else "-"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a markdown table."""
+    head = "| variant | front-end | overall | colour | shape | yes/no | image tokens | trained / total params | tokens/s (pretrain, SFT) | wall |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        tps = " / ".join(
+            f"{r[k]:,.0f}" if r[k] else "-" for k in ("pretrain_tokens_per_s", "sft_tokens_per_s")
+        )
+        lines.append(
+            f"| {r['variant']} | {'encoder-free' if r['encoder_free'] else 'encoders'} | {_pct(r, 'accuracy')} "
+            f"| {_pct(r, 'colour')} | {_pct(r, 'shape')} | {_pct(r, 'yes/no')} | {r['image_tokens']} "
+            f"| {r['params_trained'] / 1e6:.2f}M / {r['params_total'] / 1e6:.2f}M | {tps} "
+            f"| {r['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against wall time, one labelled point per variant (encoder-free and encoder-based apart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "o" if r["encoder_free"] else "s"
+        ax.scatter(r["wall_s"] / 60, 100 * r["accuracy"], marker=marker, s=40)
+        ax.annotate(
+            r["variant"],
+            (r["wall_s"] / 60, 100 * r["accuracy"]),
+            fontsize=8,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("wall time of the variant (min)")
+    ax.set_ylabel(f"easy-vqa accuracy (%), first {rows[0]['n']} test questions")
+    ax.set_title("encoder-free (circles) vs encoder-based (squares), identical data and schedule")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def ensure_data(run: Path, given: str | None, curate_overrides: list[str]) -> Path:
+    """The demo's curated data (shards + SFT JSON): `given`, else runs/demo/data if `make curate` wrote
+    it, else curated into the run directory."""
+    candidates = [Path(given)] if given else [REPO / "runs/demo/data", run / "data"]
+    for data in candidates:
+        if (data / "curated/shards/manifest.jsonl").is_file() and (data / "sft_easy_vqa.json").is_file():
+            return data
+    if given:
+        raise SystemExit(
+            f"--data {given}: no curated/shards/manifest.jsonl and sft_easy_vqa.json (run `make curate`)"
+        )
+    data = run / "data"
+    curate = [
+        sys.executable,
+        "-m",
+        "data_curation.run",
+        "--config",
+        str(REPO / "configs/curation/embedded.yaml"),
+    ]
+    curate += ["--out_dir", str(data / "curated"), "--embedded.dir", str(data)]
+    curate += ["--sources.0.path", str(data / "sources.jsonl"), *(f"--{kv}" for kv in curate_overrides)]
+    run_step(Step("curate", curate, data / "curated/shards/manifest.jsonl", data / "curated"), run / "logs")
+    return data
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """`python -m train.compare`: train, evaluate and tabulate the chosen variants; returns the rows."""
+    setup_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/compare")
+    parser.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--force", action="store_true", help="redo finished steps")
+    parser.add_argument("--pretrain-steps", type=int, default=Schedule.pretrain_steps)
+    parser.add_argument("--sft-steps", type=int, default=Schedule.sft_steps)
+    parser.add_argument("--batch-size", type=int, default=Schedule.batch_size)
+    parser.add_argument("--eval-limit", type=int, default=Schedule.eval_limit)
+    parser.add_argument("--data", default=None, help="curated demo data folder (default: runs/demo/data)")
+    parser.add_argument("--curate-override", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    names = list(QUICK) if args.quick else list(VARIANTS)
+    if args.variants:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    sched = Schedule(args.pretrain_steps, args.sft_steps, args.batch_size, eval_limit=args.eval_limit)
+    run = Path(args.run_dir).resolve()
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    data = ensure_data(run, args.data, args.curate_override)
+
+    rows = []
+    for name in names:
+        wall = {}
+        for step in variant_steps(name, VARIANTS[name], run, data, sched):
+            if step.done_marker.exists() and not args.force:
+                logger.info("== %s/%s: done already (%s)", name, step.name, step.done_marker)
+                continue
+            if args.force and step.output.exists():
+                shutil.rmtree(step.output)
+            t0 = time.time()
+            run_step(Step(f"{name}.{step.name}", step.argv, step.done_marker, step.output), run / "logs")
+            wall[step.name] = round(time.time() - t0, 1)
+        rows.append(summarize(name, VARIANTS[name], run / name, wall))
+
+    (run / "compare.json").write_text(json.dumps({"schedule": sched.__dict__, "rows": rows}, indent=2))
+    table = markdown_table(rows)
+    (run / "compare.md").write_text(table + "\n")
+    plot(rows, run / "compare.png")
+    print("\n" + table)
+    print(f"\ntable: {run / 'compare.md'}; plot: {run / 'compare.png'}; data: {run / 'compare.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
