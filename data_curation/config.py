@@ -161,11 +161,11 @@ class EmbeddedConfig:
     sft_turns: int = 3
     """Questions of one easy-vqa image per SFT conversation (0: all of them). The evaluation asks one
     question at a time; fewer turns leave fewer earlier answers to copy from."""
-    sft_balanced: int = 4
+    sft_balanced: int = 0
     """Extra yes/no questions per easy-vqa train image, in the train split's question forms, naming the
     image's own colour or shape with odds 1/2 (easy-vqa's own name it in about 1 of 6), so that SFT
     must compare the named attribute with the image rather than answer from the question."""
-    sft_plain_share: float = 0.5
+    sft_plain_share: float = 0.0
     """Share of SFT questions asked without the short-answer instruction the evaluation appends, so
     that a plain question in chat gets the same short answer."""
 

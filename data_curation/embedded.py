@@ -288,7 +288,7 @@ def build(cfg: EmbeddedConfig, seed: int = 0) -> dict:
         for c in range(0, len(qa), step):
             conv = []
             for t, (q, a) in enumerate(qa[c : c + step]):
-                bare = rng.random() < cfg.sft_plain_share
+                bare = cfg.sft_plain_share > 0 and rng.random() < cfg.sft_plain_share
                 plain += bare
                 text = q if bare else f"{q}\n{SHORT_ANSWER_PROMPT}"
                 conv.append({"from": "human", "value": f"<image>\n{text}" if t == 0 else text})

@@ -57,7 +57,9 @@ class ChatSession:
         self.reset()
 
     def _user_value(self, message: str) -> str:
-        """`message` as the next human turn: the first turn about an image carries its placeholder."""
+        """`message` as the next human turn, followed by the model's answer instruction if its export
+        has one (the form it was fine-tuned with); the first turn about an image carries its placeholder."""
+        message = self.processor.instruct(message)
         if not self.turns and self.image is not None and IMAGE_PLACEHOLDER not in message:
             return f"{IMAGE_PLACEHOLDER}\n{message}"
         return message

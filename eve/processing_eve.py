@@ -51,6 +51,7 @@ class EveProcessor:
         image_processor: EveImageProcessor | EncoderImageProcessor | None = None,
         image_token_index: int = -200,
         template: str = "vicuna_v1",
+        answer_instruction: str | None = None,
     ) -> None:
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError(
@@ -60,6 +61,9 @@ class EveProcessor:
         self.image_processor = image_processor or EveImageProcessor()
         self.image_token_index = int(image_token_index)
         self.template = get_template(template).name
+        self.answer_instruction = answer_instruction
+        """Appended on its own line to a question by `instruct` (chat, `build_prompt`): the prompt form a
+        model was fine-tuned with, saved with its export; None: questions go as they are."""
         # Text is cut at image placeholders and at the eos string (see the module docstring).
         self._split = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(tokenizer.eos_token)})")
 
@@ -179,11 +183,25 @@ class EveProcessor:
 
     # ----------------------------------------------------------------------------------------------
     # generation
+    def instruct(self, question: str) -> str:
+        """`question` followed by the model's answer instruction on a new line (unless it already ends
+        with it, or the model has none)."""
+        if not self.answer_instruction or question.rstrip().endswith(self.answer_instruction):
+            return question
+        return f"{question}\n{self.answer_instruction}"
+
     def build_prompt(
-        self, question: str, template: str | ChatTemplate | None = None, has_image: bool = True
+        self,
+        question: str,
+        template: str | ChatTemplate | None = None,
+        has_image: bool = True,
+        instruct: bool = True,
     ) -> str:
-        """The single-turn generation prompt for `question` (adds the <image> placeholder when has_image)."""
-        return _build_prompt(question, template or self.template, has_image)
+        """The single-turn generation prompt for `question` (adds the <image> placeholder when has_image;
+        with `instruct`, the model's answer instruction, if it has one)."""
+        return _build_prompt(
+            self.instruct(question) if instruct else question, template or self.template, has_image
+        )
 
     def __call__(
         self,
@@ -266,6 +284,8 @@ class EveProcessor:
             "image_token_index": self.image_token_index,
             "template": self.template,
         }
+        if self.answer_instruction:
+            config["answer_instruction"] = self.answer_instruction
         (path / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, LlamaConfig
 from eve import EveConfig, EveForCausalLM, EveProcessor
 from eve.assets import load_default_tokenizer, load_tokenizer
 from eve.configuration_eve import PRESETS
+from eve.processing_eve import PROCESSOR_CONFIG_NAME
 from train.aligning import ALIGNER_CONFIG, AlignerConfig, PatchAligner, layers_for
 from train.config import RunConfig
 from train.data import DataOptions
@@ -126,7 +127,11 @@ def build_model(config: RunConfig, stage: Stage) -> tuple[EveForCausalLM, EvePro
             str(init), dtype=dtype, attn_implementation=mc.attn_implementation, **mc.overrides
         )
         tokenizer = load_tokenizer(mc.tokenizer_path or init)
-        return model, EveProcessor.from_config(tokenizer, model.config, template)
+        processor = EveProcessor.from_config(tokenizer, model.config, template)
+        saved = init / PROCESSOR_CONFIG_NAME
+        inherited = json.loads(saved.read_text()).get("answer_instruction") if saved.is_file() else None
+        processor.answer_instruction = config.export.answer_instruction or inherited
+        return model, processor
 
     llm = llm_dir(config)
     if llm is None:
@@ -147,7 +152,9 @@ def build_model(config: RunConfig, stage: Stage) -> tuple[EveForCausalLM, EvePro
         else:
             tokenizer = load_tokenizer(llm)
     model.set_attn_implementation(mc.attn_implementation)
-    return model, EveProcessor.from_config(tokenizer, model.config, template)
+    processor = EveProcessor.from_config(tokenizer, model.config, template)
+    processor.answer_instruction = config.export.answer_instruction
+    return model, processor
 
 
 def build_aligner(config: RunConfig, model: nn.Module, teachers: TeacherSet) -> PatchAligner | None:

@@ -187,6 +187,11 @@ class ExportConfig:
     """Export at the end of the run."""
     dir: str = "export"
     """Directory name inside output_dir."""
+    answer_instruction: str | None = None
+    """Saved with the export's processor: chat, `processor(questions, template=...)` and generation
+    helpers append it to a question, so that the model is asked as its SFT data asked it (the demo's
+    easy-vqa conversations end every question with the short-answer instruction). None: keep the
+    initial export's (none for a new model)."""
 
 
 @dataclass

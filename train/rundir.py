@@ -30,6 +30,7 @@ RUN_FILE = "run.json"
 EXPORT_MARKER = "export.json"
 
 MAY_CHANGE = (
+    "export.answer_instruction",
     "train.max_steps",
     "train.epochs",
     "train.stop_after",

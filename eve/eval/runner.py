@@ -43,7 +43,9 @@ def predict(
 ) -> list[str]:
     """Greedy answers for `samples`, in their order; generated in length-sorted batches ("" if unreadable)."""
     prompts = [
-        processor.build_prompt(build_question(s, answer_instruction), template, s.image is not None)
+        processor.build_prompt(
+            build_question(s, answer_instruction), template, s.image is not None, instruct=False
+        )
         for s in samples
     ]
     images = [s.image for s in samples]

@@ -38,13 +38,15 @@ def test_compare_two_variants_writes_the_table(tmp_path):
     # stride-16 map of the 128-px view is 8 x 8 = 64 connector tokens.
     assert (eve["image_tokens"], llava["image_tokens"]) == (73, 64)
     # Parameters from the exported weights: everything trains in EVE; the encoder stays frozen in LLaVA.
+    # (BatchNorm running statistics are buffers, not parameters.)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
     for r in rows:
         state = load_file(str(run / r["variant"] / "sft" / "export" / "model.safetensors"))
-        assert r["params_total"] == sum(t.numel() for t in state.values())
+        assert r["params_total"] == sum(t.numel() for k, t in state.items() if not k.endswith(buffers))
     enc = sum(
         t.numel()
         for k, t in load_file(str(run / "llava/sft/export/model.safetensors")).items()
-        if ".encoders." in k
+        if ".encoders." in k and not k.endswith(buffers)
     )
     assert enc > 0 and llava["params_trained"] == llava["params_total"] - enc
     assert eve["params_trained"] == eve["params_total"]

@@ -49,7 +49,13 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
         [w for w in ws if w not in ("a", "an", "the")] == [r["answers"][0]] for ws, r in zip(words, rows)
     ]
     assert result["n"] == len(rows) == 12 and result["accuracy"] == pytest.approx(sum(right) / 12)
+    # The SFT export carries the instruction its questions ended with; stage 2's (captions) none.
+    sft_processor = json.loads((run / "sft/export/processor_config.json").read_text())
+    assert sft_processor["answer_instruction"] == "Answer the question using a single word or phrase."
+    assert "answer_instruction" not in json.loads((run / "stage2/export/processor_config.json").read_text())
     summary = json.loads((run / "demo_summary.json").read_text())
+    # The plain-question check went through the chat entry point: 5 images x (colour, shape).
+    assert summary["chat_check"]["n"] == 10 and len(summary["chat_check"]["answers"]) == 10
     assert summary["easy_vqa"]["n"] == 12 and summary["align"] is True
     with Image.open(run / "loss_curves.png") as img:
         assert img.size[0] > img.size[1] > 100

@@ -76,3 +76,35 @@ def test_sampling_flags_reach_generate(loaded):
     # A random model's next-token distribution is nearly flat over 32000 tokens, so three sampled
     # tokens equal the greedy ones with negligible probability: this shows sampling happened.
     assert sampled != direct_answer(model, processor, prompt)
+
+
+def test_answer_instruction_of_the_export_is_added_to_plain_questions(
+    tiny_checkpoint, loaded, tmp_path, capsys
+):
+    # An export whose processor carries an answer instruction (what `export.answer_instruction` saves):
+    # chat and build_prompt ask a plain question in the fine-tuned form, once, and the evaluation's
+    # own prompts stay as they are (instruct=False).
+    import shutil
+
+    from eve.processing_eve import EveProcessor
+
+    model, _ = loaded
+    export = tmp_path / "export"
+    shutil.copytree(tiny_checkpoint, export)
+    instruction = "Answer the question using a single word or phrase."
+    processor = EveProcessor.from_pretrained(export)
+    processor.answer_instruction = instruction
+    processor.save_pretrained(export)
+    processor = EveProcessor.from_pretrained(export)
+    assert processor.answer_instruction == instruction
+    want_prompt = f"{VICUNA_SYSTEM} USER: <image>\nwhat shape?\n{instruction} ASSISTANT:"
+    assert processor.build_prompt("what shape?") == want_prompt
+    assert processor.build_prompt(f"what shape?\n{instruction}") == want_prompt
+    assert (
+        processor.build_prompt("what shape?", instruct=False)
+        == f"{VICUNA_SYSTEM} USER: <image>\nwhat shape? ASSISTANT:"
+    )
+    argv = ["--model", str(export), "--image", str(IMAGES / "0.png"), "--prompt", "what shape?"]
+    assert chat.main(argv + ["--max-new-tokens", "3", "--device", "cpu"]) == 0
+    want = direct_answer(model, processor, want_prompt, chat.load_image(IMAGES / "0.png"), max_new_tokens=3)
+    assert capsys.readouterr().out == want + "\n"
