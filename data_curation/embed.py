@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from eve.configuration_eve import IMAGENET_MEAN, IMAGENET_STD
 from eve.encoders import load_timm_weights
 
 from .common import (
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Test hook: SIGKILL this process after this many shards are cached (a real, unclean interruption).
 KILL_AFTER_ENV = "EVE_CURATION_KILL_AFTER_SHARDS"
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def resolve_weights(spec: str | None) -> str | None:

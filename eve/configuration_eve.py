@@ -13,6 +13,9 @@ from transformers import AutoConfig, LlamaConfig
 # OpenAI CLIP normalisation: the statistics of the official EVE image processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""timm's ImageNet normalisation (efficientnet-lite0, the embedded teacher and encoder)."""
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompts, image tokens, padding), as in PyTorch's cross-entropy."""

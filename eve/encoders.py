@@ -29,12 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from eve.configuration_eve import CLIP_MEAN, CLIP_STD
+from eve.configuration_eve import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

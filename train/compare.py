@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eve.console import setup_logging
-from train.demo import REPO, Step, run_step
+from train.demo import REPO, Step, curate_argv, run_step
 from train.rundir import EXPORT_MARKER
 
 logger = logging.getLogger(__name__)
@@ -274,15 +274,7 @@ def ensure_data(run: Path, given: str | None, curate_overrides: list[str]) -> Pa
             f"--data {given}: no curated/shards/manifest.jsonl and sft_easy_vqa.json (run `make curate`)"
         )
     data = run / "data"
-    curate = [
-        sys.executable,
-        "-m",
-        "data_curation.run",
-        "--config",
-        str(REPO / "configs/curation/embedded.yaml"),
-    ]
-    curate += ["--out_dir", str(data / "curated"), "--embedded.dir", str(data)]
-    curate += ["--sources.0.path", str(data / "sources.jsonl"), *(f"--{kv}" for kv in curate_overrides)]
+    curate = curate_argv(data, curate_overrides)
     run_step(Step("curate", curate, data / "curated/shards/manifest.jsonl", data / "curated"), run / "logs")
     return data
 

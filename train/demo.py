@@ -69,17 +69,9 @@ def training_step(name: str, script: str, config: str, run: Path, extra: Sequenc
     return Step(name, argv + list(extra), run / name / "export" / EXPORT_MARKER, run / name)
 
 
-def demo_steps(
-    run: Path,
-    align: bool,
-    eval_args: Sequence[str],
-    curate_overrides: Sequence[str] = (),
-    train_overrides: Sequence[str] = (),
-) -> list[Step]:
-    """The five steps of the demo, in order (overrides: `section.key=value` for curation / every
-    stage, passed on as `--section.key=value`, the syntax of both command lines)."""
-    data = run / "data"
-    curate = [
+def curate_argv(data: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """`make curate` into `data` (embedded sources, curated shards, SFT JSON); overrides `key=value`."""
+    return [
         sys.executable,
         "-m",
         "data_curation.run",
@@ -91,8 +83,21 @@ def demo_steps(
         str(data),
         "--sources.0.path",
         str(data / "sources.jsonl"),
-        *(f"--{kv}" for kv in curate_overrides),
+        *(f"--{kv}" for kv in overrides),
     ]
+
+
+def demo_steps(
+    run: Path,
+    align: bool,
+    eval_args: Sequence[str],
+    curate_overrides: Sequence[str] = (),
+    train_overrides: Sequence[str] = (),
+) -> list[Step]:
+    """The five steps of the demo, in order (overrides: `section.key=value` for curation / every
+    stage, passed on as `--section.key=value`, the syntax of both command lines)."""
+    data = run / "data"
+    curate = curate_argv(data, curate_overrides)
     stage_args = [] if align else ["--teachers", "[]"]
     stage_args += [f"--{kv}" for kv in train_overrides]
     evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]

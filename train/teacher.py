@@ -45,9 +45,6 @@ from eve.image_processing_eve import RESAMPLE, ImageInput, as_rgb_image, fit_lon
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass
 class TeacherLevel:

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eve.configuration_eve import IMAGENET_MEAN, IMAGENET_STD
 from eve.encoders import load_timm_weights, timm_weights_path
 from eve.image_processing_eve import CLIP_MEAN, CLIP_STD
-from train.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherConfig
+from train.teacher import Teacher, TeacherConfig
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from tests.e2e import SMALL_CURATION
 from train.compare import main
 
 SMALL = [
@@ -20,12 +21,7 @@ SMALL = [
     "4",
     "--eval-limit",
     "8",
-    "--curate-override",
-    "scan.max_images=48",
-    "--curate-override",
-    "cluster.k=4",
-    "--curate-override",
-    "select.per_cluster=10",
+    *SMALL_CURATION,
 ]
 
 

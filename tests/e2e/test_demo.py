@@ -10,17 +10,13 @@ import re
 import pytest
 from PIL import Image
 
+from tests.e2e import SMALL_CURATION
 from train.demo import main
 
 SMALL = [
     "--eval-limit",
     "12",
-    "--curate-override",
-    "scan.max_images=48",
-    "--curate-override",
-    "cluster.k=4",
-    "--curate-override",
-    "select.per_cluster=10",
+    *SMALL_CURATION,
     "--train-override",
     "train.global_batch_size=4",
     "--train-override",
