@@ -217,7 +217,11 @@ def train(config: RunConfig) -> Path:
     changed: list[str] = []
     if resume_from is not None:
         changed = check_resume_config(
-            read_config(resume_from), config_dict, resume_from, tc.allow_config_change
+            read_config(resume_from),
+            config_dict,
+            resume_from,
+            tc.allow_config_change,
+            defaults=config_to_dict(RunConfig()),
         )
     resumed_id = read_meta(resume_from).get("run_id") if resume_from is not None else None
     run_id, replaced = claim(output_dir, resumed_id, resume_from is not None, tc.overwrite)

@@ -127,18 +127,26 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) of every setting that differs and may not change on resume."""
-    old, new = flatten(saved), flatten(current)
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every setting that differs and may not change on resume.
+
+    defaults: the settings' default values; a setting the checkpoint does not know (added by a newer
+    version) that is at its default is no change: the older version behaved as its default.
+    """
+    old, new, default = flatten(saved), flatten(current), flatten(defaults or {})
     changes = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(MAY_CHANGE) or old.get(key) == new.get(key):
+            continue
+        if key not in old and key in default and new.get(key) == default[key]:
             continue
         changes.append((key, old.get(key, "(unset)"), new.get(key, "(unset)")))
     return changes
 
 
-def check_resume_config(saved: dict | None, current: dict, checkpoint: Path, allow: bool) -> list[str]:
+def check_resume_config(
+    saved: dict | None, current: dict, checkpoint: Path, allow: bool, defaults: dict | None = None
+) -> list[str]:
     """Refuse (or, with allow, report) settings that differ from those the checkpoint was written with.
 
     Returns the changed keys (applied deliberately when allowed).
@@ -148,7 +156,7 @@ def check_resume_config(saved: dict | None, current: dict, checkpoint: Path, all
             "%s holds no config.json (written by an older version): settings not compared", checkpoint
         )
         return []
-    changes = config_changes(saved, current)
+    changes = config_changes(saved, current, defaults)
     if not changes:
         return []
     lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)

@@ -96,6 +96,12 @@ def test_config_changes_lists_only_settings_that_break_exactness():
     saved = {"optim": {"lr": 1e-3}, "train": {"max_steps": 4, "save_every": 2}, "teachers": [{"layer": -2}]}
     current = {"optim": {"lr": 1e-3}, "train": {"max_steps": 8, "save_every": 0}, "teachers": [{"layer": -1}]}
     assert config_changes(saved, current) == [("teachers.0.layer", -2, -1)]
+    # A setting the checkpoint predates is no change at its default, and is one otherwise.
+    defaults = {"optim": {"lr": 1e-4, "unfrozen": []}}
+    newer = {**current, "optim": {"lr": 1e-3, "unfrozen": []}}
+    assert config_changes(saved, newer, defaults) == [("teachers.0.layer", -2, -1)]
+    newer["optim"]["unfrozen"] = ["llm"]
+    assert ("optim.unfrozen", "(unset)", ["llm"]) in config_changes(saved, newer, defaults)
 
 
 def test_save_every_0_checkpoints_only_the_last_step(tmp_path):
