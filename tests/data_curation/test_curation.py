@@ -178,7 +178,9 @@ def test_embedded_build_writes_the_shipped_recipe(tmp_path):
     from eve.assets import easy_vqa_dir
     from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
 
-    counts = build(EmbeddedConfig(dir=str(tmp_path), sft_turns=3, sft_balanced=4, sft_plain_share=0.5), seed=0)
+    counts = build(
+        EmbeddedConfig(dir=str(tmp_path), sft_turns=3, sft_balanced=4, sft_plain_share=0.5), seed=0
+    )
     attrs, _, _ = easy_vqa_attributes(easy_vqa_dir("train"))
 
     rows = [json.loads(line) for line in (tmp_path / "sources.jsonl").read_text().splitlines()]
