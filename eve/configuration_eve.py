@@ -1,5 +1,6 @@
-"""EveConfig: the Llama text config plus the fields of the vision front-end (the patch embedding layer,
-PEL, or pretrained encoders + a connector), and presets."""
+"""EveConfig: the text config of the LLM (a Llama or Qwen2 backbone) plus the fields of the vision front-end
+(the patch embedding layer, PEL, EVEv2's PEL, or pretrained encoders + a connector), the EVEv2
+divide-and-conquer split of the decoder layers, and presets."""
 
 from __future__ import annotations
 
@@ -56,6 +57,42 @@ _TINY_LLM = dict(
     eos_token_id=2,
     tie_word_embeddings=False,
 )
+# Qwen2.5-7B-Instruct as the LLM of EVEv2-7B (Qwen2 architecture: q/k/v biases, GQA 28/4, RoPE theta 1e6).
+_QWEN25_7B = dict(
+    backbone="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    pad_token_id=151643,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    tie_word_embeddings=False,
+)
+# The tiny CPU LLM with a Qwen2 backbone over the same 32000-token vocabulary (the embedded Llama tokenizer):
+# q/k/v biases, GQA (4 query heads, 2 KV heads), Qwen2's RoPE theta and RMSNorm eps.
+_TINY_QWEN2 = dict(
+    _TINY_LLM,
+    backbone="qwen2",
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
+# EVEv2: its patch embedding (one token per 32 x 32 px) and a visual copy of every layer's norms, attention
+# projections and MLP (the official `moe_part layernorm-self_attn-mlp`); images sized by area (`max_size`).
+_EVE2_VISION = dict(
+    vision_frontend="pel2",
+    vision_hidden_size=1024,
+    vision_patch_size=16,
+    vision_conv_stride=2,
+    image_resize_mode="area",
+    modality_split=["layernorm", "self_attn", "mlp"],
+)
 # Encoders of the encoder presets (EncoderSpec fields, eve/encoders.py); "/path/to/..." are placeholders.
 _CLIP_L_336 = dict(kind="hf_clip", path="/path/to/clip-vit-large-patch14-336", layers=[-2], image_size=336)
 _DINOV2_L = dict(kind="hf_dinov2", path="/path/to/dinov2-large", layers=[-2], image_size=336)
@@ -87,6 +124,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision_conv_stride=2,
         max_image_size=64,
     ),
+    # EVEv2-7B on Qwen2.5-7B-Instruct: sqrt(H*W) = 800 px (stages 0 and 1.0; 1600 from stage 1.1 on), so a
+    # square image is a 25 x 25 grid, 1 + 25 * 26 = 651 tokens. The vision fields are the official ones.
+    "eve2-7b": {**_QWEN25_7B, **_EVE2_VISION, "max_image_size": 800},
+    # The tiny LLM on a Qwen2 backbone, with EVE's PEL and shared layers (the "tiny" preset otherwise).
+    "tiny-qwen2": dict(
+        **_TINY_QWEN2,
+        vision_hidden_size=128,
+        vision_num_heads=8,
+        vision_patch_size=4,
+        vision_conv_stride=2,
+        max_image_size=64,
+    ),
+    # EVEv2 at CPU size: tiny Qwen2, EVEv2's patch embedding (4-px patches, 2 x 2 merge: 8 px per token),
+    # sqrt(H*W) = 64 px (a square image is 8 x 8, 73 tokens), every layer split into text and visual parts.
+    "tiny-eve2": {
+        **_TINY_QWEN2,
+        **_EVE2_VISION,
+        "vision_hidden_size": 128,
+        "vision_patch_size": 4,
+        "max_image_size": 64,
+    },
     # Encoder front-ends (eve/vision_frontends.py) on Vicuna-7B v1.5; encoders are taken by path.
     # LLaVA-1.5-7B: CLIP ViT-L/14-336, penultimate layer, CLS dropped, mlp2x_gelu: 576 tokens.
     "llava-1.5-7b": {**_VICUNA_7B, **_encoders({"connector": "mlp2x_gelu"}, _CLIP_L_336)},
@@ -144,9 +202,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @strict
 class EveConfig(LlamaConfig):
-    """Configuration of an EVE model: a Llama decoder that reads images through a patch embedding layer."""
+    """Configuration of an EVE model: a Llama or Qwen2 decoder that reads images through a vision front-end.
+
+    The text fields are LlamaConfig's (the two backbones share them); `backbone` picks the decoder and
+    `layer_types` / `sliding_window` are the Qwen2 fields its decoder reads (Qwen2.5 uses no window).
+    """
 
     model_type = "eve"
+
+    backbone: str = "llama"
+    """Decoder architecture (eve/backbones.py): "llama" (Llama/Vicuna, EVE v1) or "qwen2" (q/k/v biases, no
+    o_proj bias, EVEv2's Qwen2.5); GQA and RoPE come from num_key_value_heads and rope_parameters."""
+    layer_types: list[str] | None = None
+    """Qwen2 only: "full_attention" or "sliding_attention" per layer; None = full attention everywhere."""
+    sliding_window: int | None = None
+    """Qwen2 only: window of the "sliding_attention" layers in tokens (None when no layer slides)."""
+    modality_split: list[str] = field(default_factory=list)
+    """EVEv2 divide-and-conquer (eve/modality_layers.py; the official `moe_part`): parts of every decoder
+    layer that get a visual copy, run by image tokens only: any of "layernorm" (both RMSNorms), "self_attn"
+    (q/k/v/o projections; attention itself stays joint), "mlp". Empty = every weight shared (EVE v1)."""
+    image_resize_mode: str = "long_side"
+    """How images are sized (EveImageProcessor): "long_side" = the long side becomes max_image_size (EVE v1),
+    "area" = sqrt(H*W) becomes max_image_size, each side rounded up to p*s (EVEv2's `max_size`)."""
 
     vision_patch_size: int = 14
     """p: side of a conv patch in pixels (kernel = stride of the patch conv)."""
@@ -180,9 +257,15 @@ class EveConfig(LlamaConfig):
     """Encoder front-end: ConnectorConfig fields (eve/connectors), "connector" naming it, except those the
     encoders and the LLM give (llm_hidden, encoder_widths, encoder_grids, encoder_layers)."""
 
+    def __post_init__(self, **kwargs):
+        if self.backbone == "qwen2" and self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers  # what Qwen2Model reads
+        super().__post_init__(**kwargs)
+
     def validate_architecture(self) -> None:
-        """Check the Llama fields and that the vision fields describe a buildable PEL."""
+        """Check the text fields and that the vision fields describe a buildable front-end."""
         super().validate_architecture()
+        self._validate_backbone()
         if self.vision_hidden_size % self.vision_num_heads != 0:
             raise ValueError(
                 f"vision_hidden_size ({self.vision_hidden_size}) must be a multiple of vision_num_heads "
@@ -208,10 +291,42 @@ class EveConfig(LlamaConfig):
             raise ValueError(
                 f"image_token_index must be negative (not a vocabulary id), got {self.image_token_index}."
             )
-        if self.vision_frontend not in ("pel", "encoders"):
-            raise ValueError(f"vision_frontend must be 'pel' or 'encoders', got {self.vision_frontend!r}.")
+        if self.vision_frontend not in ("pel", "pel2", "encoders"):
+            raise ValueError(
+                f"vision_frontend must be 'pel', 'pel2' or 'encoders', got {self.vision_frontend!r}."
+            )
+        if self.image_resize_mode not in ("long_side", "area"):
+            raise ValueError(
+                f"image_resize_mode must be 'long_side' or 'area', got {self.image_resize_mode!r}."
+            )
         if self.vision_frontend == "encoders":
             self._validate_encoders()
+
+    def _validate_backbone(self) -> None:
+        """Check the backbone name, its Qwen2-only fields and the modality split."""
+        if self.backbone not in ("llama", "qwen2"):
+            raise ValueError(f"backbone must be 'llama' or 'qwen2', got {self.backbone!r}.")
+        if self.backbone == "llama" and (self.layer_types is not None or self.sliding_window is not None):
+            raise ValueError(
+                "layer_types and sliding_window are Qwen2 fields: set backbone 'qwen2' or drop them."
+            )
+        if self.backbone == "qwen2":
+            kinds = set(self.layer_types or [])
+            if len(self.layer_types or []) != self.num_hidden_layers or kinds - {
+                "full_attention",
+                "sliding_attention",
+            }:
+                raise ValueError(
+                    f"layer_types needs one 'full_attention' or 'sliding_attention' per layer "
+                    f"({self.num_hidden_layers}), got {self.layer_types}."
+                )
+            if "sliding_attention" in kinds and not self.sliding_window:
+                raise ValueError("layer_types has sliding_attention layers: set sliding_window (tokens).")
+        unknown = set(self.modality_split) - {"layernorm", "self_attn", "mlp"}
+        if unknown:
+            raise ValueError(
+                f"modality_split takes 'layernorm', 'self_attn' and 'mlp', got unknown {sorted(unknown)}."
+            )
 
     def _validate_encoders(self) -> None:
         """Check the encoder specs and the connector keys (shapes are checked when the front-end is built)."""
@@ -251,7 +366,7 @@ class EveConfig(LlamaConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> EveConfig:
-        """An EveConfig from the PRESETS table ("tiny", "eve-7b", "llava-1.5-7b", ...), fields overridden by keyword."""
+        """An EveConfig from the PRESETS table ("tiny", "eve-7b", "tiny-eve2", ...), fields overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"Unknown EVE preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})

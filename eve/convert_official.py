@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import initialization as init
 
+from eve.backbones import TEXT_FIELDS
 from eve.configuration_eve import PRESETS, EveConfig
 from eve.console import setup_logging
-from eve.modeling_eve import _LLAMA_TEXT_FIELDS, EveForCausalLM
+from eve.modeling_eve import EveForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def config_from_official(
     """EveConfig from an official config.json: LLM fields copied, vision fields from the weights and the preset."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    text = {k: v for k, v in official_config.items() if k in _LLAMA_TEXT_FIELDS}
+    text = {k: v for k, v in official_config.items() if k in TEXT_FIELDS}
     if "rope_theta" in official_config and "rope_parameters" not in text:  # transformers 4 layout
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": official_config["rope_theta"]}
     conv = state_dict["vision_tower.conv.weight"]  # (C, 3, p, p)

@@ -147,6 +147,7 @@ class EncoderImageProcessor(ImageProcessingMixin):
 
 IMAGE_PROCESSORS: dict[str, type[ImageProcessingMixin]] = {
     "pel": EveImageProcessor,
+    "pel2": EveImageProcessor,
     "encoders": EncoderImageProcessor,
 }
 """EveConfig.vision_frontend -> its image processor class."""

@@ -11,7 +11,8 @@ Per image (the official `compute_basehw` rule, see docs/architecture.md):
    multiple of `resize_multiple` (default p*s): we resize to the rounded size, a slight stretch of at
    most one token, exactly as the official code does before it pastes the image on a padded canvas;
    we never build that canvas. The short side is at least one token, so a 1 x 10000 image becomes
-   one token row.
+   one token row. With `resize_mode="area"` (EVEv2's rule) the scale makes sqrt(H*W) equal to
+   `max_image_size` instead, and each side is rounded up to the multiple.
 3. cut into p x p patches in window-major order (DEVELOPERS.md) while still uint8, then normalise
    with `image_mean` / `image_std` in one pass over the packed patches.
 """
@@ -19,6 +20,7 @@ Per image (the official `compute_basehw` rule, see docs/architecture.md):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import BinaryIO, TypedDict
@@ -193,6 +195,14 @@ def _ceil_to_multiple(length_num: int, length_den: int, multiple: int) -> int:
     return max(1, units) * multiple
 
 
+def fit_area(height: int, width: int, side: int, multiple: int) -> tuple[int, int]:
+    """(H, W) px with sqrt(H*W) == side before each side is rounded up to `multiple` (EVEv2's rule)."""
+    if height < 1 or width < 1:
+        raise ImageLoadError(f"Cannot resize an empty image ({height}x{width} px).")
+    scale = math.sqrt(width * height) / side  # the official float arithmetic, rounded up per side
+    return tuple(max(math.ceil(n / scale / multiple), 1) * multiple for n in (height, width))
+
+
 def fit_long_side(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
     """(H, W) px with the long side == long_side and the short side rounded up to `multiple` (the official rule)."""
     if height < 1 or width < 1:
@@ -209,6 +219,7 @@ class EveImageProcessorKwargs(TypedDict, total=False):
     conv_stride: int
     max_image_size: int
     resize_multiple: int | None
+    resize_mode: str
     image_mean: list[float]
     image_std: list[float]
     resample: str
@@ -229,6 +240,7 @@ class EveImageProcessor(ImageProcessingMixin):
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         resample: str = "bicubic",
+        resize_mode: str = "long_side",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -241,6 +253,10 @@ class EveImageProcessor(ImageProcessingMixin):
         self.image_mean = [float(x) for x in image_mean]
         self.image_std = [float(x) for x in image_std]
         self.resample = resample
+        # "long_side": the long side becomes max_image_size (EVE); "area": sqrt(H*W) does (EVEv2).
+        self.resize_mode = resize_mode
+        if resize_mode not in ("long_side", "area"):
+            raise ValueError(f"resize_mode must be 'long_side' or 'area', got {resize_mode!r}.")
         token_px = self.patch_size * self.conv_stride
         if self.max_image_size % token_px or self.multiple % token_px:
             raise ValueError(
@@ -262,6 +278,7 @@ class EveImageProcessor(ImageProcessingMixin):
             resize_multiple=config.image_resize_multiple,
             image_mean=list(config.image_mean),
             image_std=list(config.image_std),
+            resize_mode=config.image_resize_mode,
         )
         return cls(**{**kwargs, **overrides})
 
@@ -272,7 +289,8 @@ class EveImageProcessor(ImageProcessingMixin):
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) px that an image of height x width px is resized to."""
-        return fit_long_side(height, width, self.max_image_size, self.multiple)
+        fit = fit_area if self.resize_mode == "area" else fit_long_side
+        return fit(height, width, self.max_image_size, self.multiple)
 
     def grid_hw(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) LLM token grid of an image of height x width px (known without reading pixels)."""

@@ -1,5 +1,6 @@
-"""EveForCausalLM: a Llama decoder that reads images through its vision front-end (the patch embedding
-layer, PEL, or pretrained encoders + a connector: eve/vision_frontends.py)."""
+"""EveForCausalLM: a Llama or Qwen2 decoder (eve/backbones.py) that reads images through its vision front-end
+(the patch embedding layer, PEL, EVEv2's patch embedding, or pretrained encoders + a connector:
+eve/vision_frontends.py), optionally with EVEv2's divide-and-conquer layers (eve/modality_layers.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    GenerationMixin,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaModel,
-    PreTrainedModel,
-)
+from transformers import AutoModelForCausalLM, GenerationMixin, LlamaModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from eve.attention import SDPA_PACKED  # noqa: F401  importing registers the "sdpa_packed" backend
+from eve.backbones import build_backbone, load_llm, text_fields
+from eve.backbones import load_gguf_llama as _load_gguf_llama  # noqa: F401  (its former home)
 from eve.configuration_eve import IGNORE_INDEX, EveConfig
 from eve.connectors import Connector
 from eve.encoders import VisionEncoder
-from eve.patch_embedding import EvePatchEmbedding, ImageLayout
+from eve.modality_layers import ModalityDecoderLayer, ModalityRouting, split_decoder_layers
+from eve.patch_embedding import Eve2PatchEmbedding, EvePatchEmbedding, ImageLayout
 from eve.vision_frontends import EncoderFrontend, build_frontend
 
 logger = logging.getLogger(__name__)
@@ -114,13 +111,13 @@ class ImageHiddenStateCollector:
 
 
 class EveForCausalLM(PreTrainedModel, GenerationMixin):
-    """EVE: LlamaModel + lm_head + vision front-end; image features replace image-token runs."""
+    """EVE: decoder (Llama or Qwen2) + lm_head + vision front-end; image features replace image-token runs."""
 
     config_class = EveConfig
     config: EveConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "ModalityDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -130,7 +127,9 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: EveConfig):
         super().__init__(config)
-        self.model = LlamaModel(config)  # the LLM decoder (embeddings, layers, final norm)
+        self.model = build_backbone(config)  # the LLM decoder (embeddings, layers, final norm)
+        if config.modality_split:  # EVEv2: visual copies of the split parts in every layer
+            split_decoder_layers(self.model, config.modality_split)
         self.vision_tower = build_frontend(config)  # PEL + projector, or encoders + connector
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -139,9 +138,14 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
     # Initialisation
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The one place that sets every starting value (the LlamaModel submodel keeps the HF Llama init)."""
+        """The one place that sets every starting value (the decoder submodel keeps the HF Llama/Qwen2 init;
+        this runs on the whole model last, after it, and starts the visual layer copies as the LLM's)."""
         vision = {id(m) for m in self.vision_tower.modules()} if hasattr(self, "vision_tower") else set()
-        if isinstance(module, EvePatchEmbedding):
+        if module is self:
+            for layer in self.model.layers:
+                if isinstance(layer, ModalityDecoderLayer):
+                    layer.init_visual_from_text()
+        elif isinstance(module, (EvePatchEmbedding, Eve2PatchEmbedding)):
             # Official EVE: CLS and SPL start as torch.randn(C).
             init.normal_(module.class_embedding, mean=0.0, std=1.0)
             init.normal_(module.split_embedding, mean=0.0, std=1.0)
@@ -246,6 +250,18 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = self.config.use_cache and labels is None and not packed and not self.training
         has_images = pixel_values is not None and image_grid_hw is not None and image_grid_hw.shape[0] > 0
         layout = self.vision_tower.layout(image_grid_hw) if has_images else None
+        if self.config.modality_split:
+            if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+                raise NotImplementedError(
+                    "output_hidden_states/output_attentions are not recorded by divide-and-conquer layers "
+                    "(modality_split); gather hidden states with image_hidden_layers or forward hooks."
+                )
+            # Image tokens take the layers' visual copies; decoding steps and text-only batches have none.
+            # (Without input_ids every token is taken as text.)
+            image_mask = input_ids == self.config.image_token_index if input_ids is not None else None
+            kwargs["modality_routing"] = (
+                ModalityRouting.from_mask(image_mask) if image_mask is not None else None
+            )
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (or inputs_embeds).")
@@ -337,30 +353,24 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype | str | None = None,
         **eve_overrides,
     ) -> EveForCausalLM:
-        """EVE from a plain Llama/Vicuna checkpoint dir (or GGUF): LLM weights copied, vision front-end
-        initialised (the PEL and projector, or the encoders from their weights and the connector)."""
-        if isinstance(path_or_model, PreTrainedModel):
-            llm = path_or_model
-        elif gguf_file:
-            llm = _load_gguf_llama(Path(path_or_model), gguf_file)
-        else:
-            load_kwargs = {"dtype": dtype} if dtype is not None else {}
-            llm = AutoModelForCausalLM.from_pretrained(str(path_or_model), **load_kwargs)
-        if llm.config.model_type != "llama":
-            raise ValueError(
-                f"from_llm needs a Llama-architecture LLM (Llama, Vicuna, SmolLM2); got model_type "
-                f"{llm.config.model_type!r} from {path_or_model!r}."
-            )
-        text_fields = {
-            k: getattr(llm.config, k) for k in LlamaConfig.__dataclass_fields__ if k in _LLAMA_TEXT_FIELDS
-        }
-        config = EveConfig(**{**text_fields, **eve_overrides})
+        """EVE from a plain Llama/Vicuna or Qwen2 checkpoint dir (or a Llama GGUF): LLM weights copied (and
+        into the visual layer copies when `modality_split` is set), vision front-end initialised (the PEL and
+        projector, EVEv2's patch embedding, or the encoders from their weights and the connector)."""
+        llm = load_llm(path_or_model, gguf_file, dtype)
+        config = EveConfig(**{**text_fields(llm.config), **eve_overrides})
         config._attn_implementation = eve_overrides.get(
             "attn_implementation", llm.config._attn_implementation
         )
         with init.no_init_weights():  # the LLM part is overwritten below; only the front-end needs an init
             model = cls(config)
-        model.model.load_state_dict(llm.model.state_dict())
+        missing, unexpected = model.model.load_state_dict(llm.model.state_dict(), strict=False)
+        if unexpected or any(".visual." not in key for key in missing):
+            raise ValueError(
+                f"{path_or_model!r} does not fit {config.backbone}: missing {missing}, unexpected {unexpected}."
+            )
+        for layer in model.model.layers:
+            if isinstance(layer, ModalityDecoderLayer):
+                layer.init_visual_from_text()
         model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
         model.vision_tower.apply(model._init_weights)
         model.tie_weights()
@@ -374,49 +384,5 @@ class EveForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return model
 
-
-def _load_gguf_llama(directory: Path, gguf_file: str) -> LlamaForCausalLM:
-    """A LlamaForCausalLM from a GGUF file (dequantised to fp32) without the accelerate dependency."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # needs the gguf package
-
-    path = directory / gguf_file
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} not found (gguf_file is relative to {directory}).")
-    config = LlamaConfig.from_pretrained(str(directory), gguf_file=gguf_file)
-    with init.no_init_weights():  # every weight comes from the file
-        llm = LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=llm)["tensors"]
-    missing, unexpected = llm.load_state_dict(tensors, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
-        raise ValueError(
-            f"GGUF file {path} does not hold a Llama model: missing {missing}, unexpected {unexpected}."
-        )
-    llm.tie_weights()
-    return llm
-
-
-# The Llama fields that describe the text model (not generic PreTrainedConfig settings).
-_LLAMA_TEXT_FIELDS = {
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "pretraining_tp",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_bias",
-    "attention_dropout",
-    "mlp_bias",
-    "head_dim",
-}
 
 AutoModelForCausalLM.register(EveConfig, EveForCausalLM)

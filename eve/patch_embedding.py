@@ -209,3 +209,52 @@ class EvePatchEmbedding(nn.Module):
         n_rows = int(grid[:, 0].sum())
         spl = self.projector(self.split_embedding[None]).expand(n_rows, -1)  # (R, D)
         return torch.cat([projected, spl])[layout.gather]  # (T, D) in [CLS] row [SPL] ... order
+
+
+class Eve2PatchEmbedding(nn.Module):
+    """EVEv2's patch embedding: Conv(3, C, p, p) -> GELU -> Conv(C, D, s, s), then [CLS] row [SPL] ... .
+
+    The same packed patches and token layout as EvePatchEmbedding (front-end "pel2"): both convs are
+    matmuls over the packed rows, the second one over each window's s*s patches, so images of any size go
+    through together without padding. No cross-attention and no separate projector: the second conv
+    maps C to the LLM width D (named `projector`, the module that plays that role in the PEL).
+    """
+
+    run_rule = EvePatchEmbedding.run_rule
+    num_image_tokens = staticmethod(EvePatchEmbedding.num_image_tokens)
+    layout = EvePatchEmbedding.layout
+
+    def __init__(self, config: EveConfig):
+        super().__init__()
+        dim, s = config.vision_hidden_size, config.vision_conv_stride
+        self.patch_size, self.conv_stride = config.vision_patch_size, s
+        self.conv = nn.Conv2d(3, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.projector = nn.Conv2d(dim, config.hidden_size, kernel_size=s, stride=s)
+        self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))  # CLS, one per image
+        self.split_embedding = nn.Parameter(torch.empty(config.hidden_size))  # SPL, closes every row
+
+    def forward(
+        self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, layout: ImageLayout | None = None
+    ) -> torch.Tensor:
+        """pixel_values (P, 3*p*p) of all images, image_grid_hw (n, 2) -> (sum 1 + h*(w+1), D)."""
+        s2 = self.conv_stride**2
+        weight = self.conv.weight  # (C, 3, p, p)
+        grid = image_grid_hw.detach().to("cpu", torch.long)
+        expected = int((grid[:, 0] * grid[:, 1]).sum()) * s2
+        if pixel_values.ndim != 2 or pixel_values.shape != (expected, weight[0].numel()):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_hw {grid.tolist()} needs "
+                f"({expected}, {weight[0].numel()}): sum of s*s*h*w patches of 3*p*p values (p={self.patch_size}, "
+                f"s={self.conv_stride}). Build both with EveImageProcessor."
+            )
+        layout = layout if layout is not None else self.layout(image_grid_hw)
+        patches = F.gelu(F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.conv.bias))  # (P, C)
+        # The second conv sees one window's s*s patches (raster order, window-major packing): its kernel
+        # (D, C, s, s) flattened as (D, s, s, C) matches the window's rows (s*s, C) flattened.
+        windows = patches.view(-1, s2 * weight.shape[0])  # (N, s*s*C)
+        merge = self.projector.weight.permute(0, 2, 3, 1).flatten(1)  # (D, s*s*C)
+        tokens = F.linear(windows, merge, self.projector.bias)  # (N, D)
+        n_images, n_rows = grid.shape[0], int(grid[:, 0].sum())
+        cls = self.class_embedding.expand(n_images, -1)  # (n, D)
+        spl = self.split_embedding.expand(n_rows, -1)  # (R, D)
+        return torch.cat([cls, tokens, spl])[layout.gather]  # (T, D) in [CLS] row [SPL] ... order

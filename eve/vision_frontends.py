@@ -4,6 +4,7 @@
 | front-end | module | `image_grid_hw` of an image | positions per image |
 |---|---|---|---|
 | `pel` | EvePatchEmbedding: EVE's patch embedding layer + projector | (h, w) tokens of the resized image | 1 + h*(w+1) |
+| `pel2` | Eve2PatchEmbedding: EVEv2's Conv -> GELU -> Conv | (h, w) tokens of the resized image | 1 + h*(w+1) |
 | `encoders` | EncoderFrontend: pretrained encoders (eve/encoders.py) + a connector (eve/connectors) | (1, T) | T = connector.num_tokens |
 
 Both answer one interface, so EveForCausalLM, the processors, generate and training never ask which:
@@ -13,7 +14,7 @@ Both answer one interface, so EveForCausalLM, the processors, generate and train
                                                     # hooks of the aligning layer); None for encoders
     frontend(pixel_values, image_grid_hw, layout)   # (sum of positions, D), images in order
 
-The pixel format belongs to the front-end's image processor: packed patches for the PEL
+The pixel format belongs to the front-end's image processor: packed patches for the PEL and EVEv2's
 (EveImageProcessor), one row of square views per image for encoders (EncoderImageProcessor).
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 from eve.configuration_eve import EveConfig
 from eve.connectors import ConnectorConfig, build_connector
 from eve.encoders import EncoderSpec, build_encoder, resolve_spec
-from eve.patch_embedding import EvePatchEmbedding
+from eve.patch_embedding import Eve2PatchEmbedding, EvePatchEmbedding
 
 CONNECTOR_DERIVED = ("llm_hidden", "encoder_widths", "encoder_grids", "encoder_layers")
 """ConnectorConfig fields that come from the encoders and the LLM, never from `vision_connector`."""
@@ -97,7 +98,11 @@ class EncoderFrontend(nn.Module):
         return tokens.flatten(0, 1)
 
 
-FRONTENDS: dict[str, type[nn.Module]] = {"pel": EvePatchEmbedding, "encoders": EncoderFrontend}
+FRONTENDS: dict[str, type[nn.Module]] = {
+    "pel": EvePatchEmbedding,
+    "pel2": Eve2PatchEmbedding,
+    "encoders": EncoderFrontend,
+}
 """EveConfig.vision_frontend -> module class."""
 
 
