@@ -14,6 +14,8 @@ SCRIPTS = {
     "stage2": "pretrain_stage2.py",
     "sft": "sft.py",
     "align": "align.py",
+    "eve2_stage0": "eve2_stage0.py",
+    "eve2_stage1": "eve2_stage1.py",
 }
 """Entry script of each stage (in train/)."""
 

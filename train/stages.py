@@ -21,7 +21,7 @@ from eve.vision_frontends import EncoderFrontend
 logger = logging.getLogger(__name__)
 
 
-GROUPS = ("llm", "vision", "projector", "aligner", "encoders")
+GROUPS = ("llm", "visual", "vision", "projector", "aligner", "encoders")
 """Every trained parameter belongs to exactly one of these groups."""
 
 
@@ -63,7 +63,7 @@ STAGES: dict[str, Stage] = {
         _stage(
             "stage2",
             "generative pre-training",
-            {"llm": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
+            {"llm": 1.0, "visual": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
             "plain",
             "stage1",
             "pretrain-stage2",
@@ -71,13 +71,34 @@ STAGES: dict[str, Stage] = {
         _stage(
             "sft",
             "supervised fine-tuning",
-            {"llm": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
+            {"llm": 1.0, "visual": 1.0, "vision": 1.0, "projector": 1.0, "aligner": 1.0},
             "vicuna_v1",
             "stage2",
             "sft",
         ),
         # LLaVA-1.5's stage 1 for an encoder front-end: the connector alone (LLaVA: LR 1e-3), no aligning.
         _stage("align", "connector alignment", {"projector": 1.0}, "plain", None, None, ("ce",)),
+        # EVEv2 (modality layers, `visual` = every layer's image copies): stage 0 trains the patch
+        # embedding alone, stage 1 adds the visual copies (1.0 and 1.1 differ in data and resolution
+        # only); its stage 2 and SFT are the rows above (everything trains). No aligning loss in EVEv2.
+        _stage(
+            "eve2_stage0",
+            "EVEv2 patch embedding",
+            {"vision": 1.0, "projector": 1.0},
+            "plain",
+            None,
+            None,
+            ("ce",),
+        ),
+        _stage(
+            "eve2_stage1",
+            "EVEv2 vision layers",
+            {"vision": 1.0, "projector": 1.0, "visual": 1.0},
+            "plain",
+            "eve2_stage0",
+            None,
+            ("ce",),
+        ),
     )
 }
 
@@ -94,7 +115,8 @@ def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list
 
     projector: the PEL -> LLM MLP, or an encoder front-end's connector; vision: the rest of the patch
     embedding layer (conv, CA1, CLS + CA2, SPL); encoders: an encoder front-end's pretrained encoders;
-    llm: the decoder (embeddings, layers, final norm) and the LM head; aligner: every teacher's PAL
+    visual: the image copies of EVEv2's decoder layers; llm: the rest of the decoder (embeddings, layers,
+    final norm) and the LM head; aligner: every teacher's PAL
     head. A parameter belongs to the first group that reaches it, which is why the projector (a
     submodule of the vision tower) is listed before the vision tower.
     """
@@ -105,6 +127,8 @@ def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list
         vision = {"projector": [tower.projector], "vision": [tower], "encoders": []}
     return {
         **vision,
+        # listed before llm, which holds them: the image copies of a modality-split decoder (EVEv2)
+        "visual": [layer.visual for layer in model.model.layers if hasattr(layer, "visual")],
         "llm": [model.model, model.lm_head],
         "aligner": [aligner] if aligner is not None else [],
     }

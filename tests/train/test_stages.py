@@ -157,3 +157,27 @@ def test_no_gradient_reaches_the_teacher(teachers, stage):
     assert all(p.grad is None for p in teachers.parameters())
     assert batch["teacher_pixel_values"].grad is None
     assert all(p.grad is not None for p in module.aligner.parameters())  # the PAL itself does learn
+
+
+@pytest.mark.parametrize("stage", ["eve2_stage0", "eve2_stage1", "stage2", "sft"])
+def test_eve2_stage_trainable_sets(stage):
+    # EVEv2 stages by parameter name: stage 0 the patch embedding; stage 1 adds every layer's image
+    # copies (`.visual.`), never the LLM's own weights; stages 2 and SFT train everything.
+    from eve import EveConfig, EveForCausalLM
+
+    torch.manual_seed(0)
+    model = EveForCausalLM(
+        EveConfig.from_preset("tiny-eve2", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    )
+    module = TrainModule(model, None)
+    apply_stage(STAGES[stage], module, module_groups(model, None), lr=1e-3, lr_scale={})
+    names = [n for n, _ in module.named_parameters()]
+    assert any(".visual." in n for n in names)
+    want = {
+        "eve2_stage0": lambda n: n.startswith("model.vision_tower."),
+        "eve2_stage1": lambda n: n.startswith("model.vision_tower.") or ".visual." in n,
+        "stage2": lambda n: True,
+        "sft": lambda n: True,
+    }[stage]
+    got = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert got == {n for n in names if want(n)}
