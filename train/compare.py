@@ -7,8 +7,8 @@ goes through the same two stages with the same data, random tiny LLM, seed, step
 
 1. pre-training on the curated caption shards (`make curate`; the demo's data), everything trains
    but the pretrained encoders and the teacher: the encoder-free variants through stage 1's table row
-   (patch embedding, projector, aligning heads) plus the LLM, the encoder-based ones through the
-   `align` row (the connector) plus the LLM;
+   (patch embedding, projector, aligning heads) plus the LLM (and EVEv2's image copies of its
+   layers), the encoder-based ones through the `align` row (the connector) plus the LLM;
 2. SFT on the easy-vqa conversations (everything but the encoders and the teacher trains);
 
 then greedy answers to the first `--eval-limit` easy-vqa test questions. Each step is a separate
@@ -66,6 +66,9 @@ VARIANTS: dict[str, Variant] = {
     "eve": Variant("EVE: patch embedding, aligning loss (one teacher level)", "tiny", ONE_LEVEL),
     "eve-multilevel": Variant("EVE, aligning to a shallow and a deep teacher level", "tiny", TWO_LEVELS),
     "eve-noalign": Variant("EVE without the aligning loss", "tiny"),
+    "eve2": Variant(
+        "EVEv2: its patch embedding, image copies of every layer (Qwen2), no aligning", "tiny-eve2"
+    ),
     "llava": Variant("LLaVA-1.5: encoder + mlp2x_gelu", "tiny-encoders"),
     "mof-interleaved": Variant("MoF: two encoders, tokens interleaved", "tiny-encoders-mof"),
     "mof-additive": Variant(
@@ -127,7 +130,7 @@ def variant_steps(name: str, variant: Variant, run: Path, data: Path, sched: Sch
         "--train.save_every=0",
         "--train.resume=auto",
         f"--teachers={json.dumps(variant.teachers)}",
-        "--optim.unfrozen=" + json.dumps(["llm"]),
+        "--optim.unfrozen=" + json.dumps(["llm", "visual"]),
     ]
     model = [f"--model.preset={variant.preset}"]
     if variant.connector is not None:
@@ -177,20 +180,20 @@ def mean_tokens_per_s(metrics: Path) -> float | None:
 
 
 def model_facts(export: Path) -> dict:
-    """Parameters (total, trained in SFT = all but the frozen encoders) and image tokens per 64-px image."""
+    """Parameters (total, trained in SFT = all but the frozen encoders) and image tokens of a 64-px
+    easy-vqa image (counted in what the export's processor makes of one)."""
+    from eve.assets import easy_vqa_dir
+    from eve.image_processing_eve import load_image
     from eve.inference import load_model
 
-    model, _ = load_model(export, "cpu", "float32")
+    model, processor = load_model(export, "cpu", "float32")
     total = sum(p.numel() for p in model.parameters())
     encoders = getattr(model.vision_tower, "encoders", None)
     frozen = sum(p.numel() for p in encoders.parameters()) if encoders is not None else 0
-    return {
-        "params_total": total,
-        "params_trained": total - frozen,
-        # an encoder front-end's fixed T tokens; the PEL's 1 + h*(w+1) for the 8 x 8 grid of 64 px
-        "image_tokens": getattr(model.vision_tower, "num_tokens", None)
-        or model.vision_tower.num_image_tokens(8, 8),
-    }
+    turns = [{"from": "human", "value": "<image>\nwhat shape is this?"}, {"from": "gpt", "value": "circle"}]
+    sample = processor.encode(turns, load_image(easy_vqa_dir("test") / "images" / "0.png"))
+    image_tokens = sum(int(t) == processor.image_token_index for t in sample["input_ids"])
+    return {"params_total": total, "params_trained": total - frozen, "image_tokens": image_tokens}
 
 
 def summarize(name: str, variant: Variant, out: Path, wall: dict[str, float]) -> dict:

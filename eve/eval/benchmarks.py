@@ -22,6 +22,8 @@ Formats implemented (field names as the public releases spell them):
   (`{"data": [{question_id, question, image_id, answers}]}`, images `{image_id}.jpg`) and GQA
   question JSON (`{qid: {imageId, question, answer, types}}`, images `{imageId}.jpg`).
   Scored with VQA soft accuracy (10 answers) or exact match (fewer).
+- mme, mmbench, seed_bench: the readers in `eve.eval.suites` (MME release folder, MMBench dev TSV
+  asked once per rotation of its options, SEED-Bench.json image questions).
 """
 
 from __future__ import annotations
@@ -30,36 +32,19 @@ import csv
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from eve.eval import metrics
+from eve.eval.files import EvalSample, ImageResolver, find_file, read_rows
+from eve.eval.suites import read_mmbench, read_mme, read_seed_bench
 
 logger = logging.getLogger(__name__)
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
-
-
-@dataclass
-class EvalSample:
-    """One benchmark question with its reference answer(s)."""
-
-    id: str
-    question: str
-    """The benchmark's question text, without any answer-format instruction."""
-    answers: list[str]
-    """Reference answers; for multiple choice the one correct option letter ("A")."""
-    image: Path | None
-    category: str = "all"
-    choices: list[str] | None = None
-    """Option texts in letter order (multiple choice only)."""
-    context: str = ""
-    """Extra context shown before the question (ScienceQA's hint)."""
-    meta: dict = field(default_factory=dict)
-    """Benchmark-specific fields used by its metrics (MMVP pair id, CV-Bench source)."""
 
 
 def build_question(sample: EvalSample, answer_instruction: bool = True) -> str:
@@ -71,72 +56,6 @@ def build_question(sample: EvalSample, answer_instruction: bool = True) -> str:
     if answer_instruction:
         parts.append(MULTIPLE_CHOICE_PROMPT if sample.choices is not None else SHORT_ANSWER_PROMPT)
     return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- file helpers
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """Rows of a JSON list, a JSON object of rows, or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".parquet":
-        raise ValueError(f"{path}: parquet is not read here; use the release's .jsonl file instead")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e}); expected one object per line") from e
-        return rows
-    if isinstance(data, dict):
-        return [data]
-    return data
-
-
-def _find(root: Path, names: Sequence[str], what: str) -> Path:
-    """`root` itself when it is a file, else the first of `names` inside it; error names the fix."""
-    if root.is_file():
-        return root
-    for name in names:
-        if (root / name).exists():
-            return root / name
-    raise FileNotFoundError(
-        f"{root}: no {what} found (looked for {', '.join(names)}); pass --data to the {what}"
-    )
-
-
-class _ImageResolver:
-    """Turns a benchmark's relative image path into a file, trying a few roots; counts misses."""
-
-    def __init__(self, roots: Sequence[Path]):
-        self.roots = [r for r in roots if r is not None]
-        self.missing: list[str] = []
-
-    def __call__(self, rel: str) -> Path | None:
-        """The image file for `rel`, or None (recorded) when no root holds it."""
-        p = Path(rel)
-        for cand in [p] if p.is_absolute() else [r / p for r in self.roots]:
-            if cand.is_file():
-                return cand
-        self.missing.append(rel)
-        return None
-
-    def report(self, source: Path, n_total: int) -> None:
-        """Log skipped samples; raise when no image was found at all."""
-        if not self.missing:
-            return
-        roots = ", ".join(str(r) for r in self.roots)
-        msg = (
-            f"{source}: {len(self.missing)} of {n_total} samples skipped, image not found "
-            f"(first: {self.missing[0]!r}, looked under {roots}); pass --image-root to the image folder"
-        )
-        if len(self.missing) == n_total:
-            raise FileNotFoundError(msg)
-        logger.warning(msg)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -158,8 +77,8 @@ def default_easy_vqa_data() -> Path:
 
 def read_easy_vqa(path: Path, image_root: Path | None = None) -> list[EvalSample]:
     """easy-vqa split folder (or its questions.json): `[question, answer, image_id]` triples."""
-    qfile = _find(path, ["questions.json"], "easy-vqa questions.json")
-    images = _ImageResolver([image_root, qfile.parent / "images", qfile.parent])
+    qfile = find_file(path, ["questions.json"], "easy-vqa questions.json")
+    images = ImageResolver([image_root, qfile.parent / "images", qfile.parent])
     samples = []
     rows = json.loads(qfile.read_text())
     for i, row in enumerate(rows):
@@ -181,8 +100,8 @@ def read_pope(path: Path, image_root: Path | None = None) -> list[EvalSample]:
     samples = []
     for f in files:
         split = re.sub(r"^.*pope_", "", f.stem)  # coco_pope_random -> random
-        images = _ImageResolver([image_root, f.parent, f.parent / "images", f.parent / "val2014"])
-        rows = _read_rows(f)
+        images = ImageResolver([image_root, f.parent, f.parent / "images", f.parent / "val2014"])
+        rows = read_rows(f)
         for row in rows:
             if "label" not in row:
                 raise ValueError(
@@ -203,8 +122,8 @@ _MMVP_OPTION = re.compile(r"\(([a-zA-Z])\)\s*(.*?)\s*(?=\([a-zA-Z]\)|$)")
 
 def read_mmvp(path: Path, image_root: Path | None = None) -> list[EvalSample]:
     """MMVP Questions.csv + `MMVP Images/{Index}.jpg`; pair k = questions 2k-1 and 2k."""
-    qfile = _find(path, ["Questions.csv"], "MMVP Questions.csv")
-    images = _ImageResolver([image_root, qfile.parent / "MMVP Images", qfile.parent / "images", qfile.parent])
+    qfile = find_file(path, ["Questions.csv"], "MMVP Questions.csv")
+    images = ImageResolver([image_root, qfile.parent / "MMVP Images", qfile.parent / "images", qfile.parent])
     with qfile.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     samples = []
@@ -233,9 +152,9 @@ def read_mmvp(path: Path, image_root: Path | None = None) -> list[EvalSample]:
 
 def read_cv_bench(path: Path, image_root: Path | None = None) -> list[EvalSample]:
     """CV-Bench test.jsonl rows; image = `filename` (or a string `image`) under the release folder."""
-    qfile = _find(path, ["test.jsonl", "test.json"], "CV-Bench test.jsonl")
-    images = _ImageResolver([image_root, qfile.parent])
-    rows = _read_rows(qfile)
+    qfile = find_file(path, ["test.jsonl", "test.json"], "CV-Bench test.jsonl")
+    images = ImageResolver([image_root, qfile.parent])
+    rows = read_rows(qfile)
     samples = []
     for row in rows:
         rel = row.get("filename") or row.get("image")
@@ -260,9 +179,9 @@ def read_cv_bench(path: Path, image_root: Path | None = None) -> list[EvalSample
 
 def read_scienceqa_img(path: Path, image_root: Path | None = None, split: str = "test") -> list[EvalSample]:
     """ScienceQA problems.json: the `split` questions with an image, as multiple choice."""
-    qfile = _find(path, ["problems.json"], "ScienceQA problems.json")
+    qfile = find_file(path, ["problems.json"], "ScienceQA problems.json")
     root = qfile.parent
-    images = _ImageResolver([image_root, root, root / "images"])
+    images = ImageResolver([image_root, root, root / "images"])
     problems = json.loads(qfile.read_text())
     chosen = {pid: p for pid, p in problems.items() if p.get("split") == split and p.get("image")}
     samples = []
@@ -296,7 +215,7 @@ def _vqa_answers(row: dict) -> list[str]:
 
 def read_vqa(path: Path, image_root: Path | None = None) -> list[EvalSample]:
     """Short-answer VQA: jsonl rows, the official TextVQA JSON, or GQA's question JSON."""
-    qfile = _find(path, ["questions.jsonl", "test.jsonl", "val.jsonl"], "VQA questions .jsonl")
+    qfile = find_file(path, ["questions.jsonl", "test.jsonl", "val.jsonl"], "VQA questions .jsonl")
     text = qfile.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -316,9 +235,9 @@ def read_vqa(path: Path, image_root: Path | None = None) -> list[EvalSample]:
             for k, v in data.items()
         ]
     else:
-        rows = _read_rows(qfile)
+        rows = read_rows(qfile)
     roots = [image_root, qfile.parent, qfile.parent / "images", qfile.parent / "train_images"]
-    images = _ImageResolver(roots)
+    images = ImageResolver(roots)
     samples = []
     for row in rows:
         image = images(row["image"]) if row.get("image") else None
@@ -351,10 +270,15 @@ def _score_choice(s: EvalSample, pred: str) -> float:
     return float(metrics.extract_choice(pred, s.choices or []) == s.answers[0])
 
 
+def _score_mme(s: EvalSample, pred: str) -> float:
+    return float(metrics.parse_mme_yes_no(pred) == s.answers[0])
+
+
 SCORERS: dict[str, Callable[[EvalSample, str], float]] = {
     "short": _score_short,
     "yes_no": _score_yes_no,
     "choice": _score_choice,
+    "mme_yes_no": _score_mme,
 }
 
 
@@ -383,6 +307,21 @@ def _cv_bench_extra(samples: list[EvalSample], preds: list[str], result: dict) -
     correct = [_score_choice(s, p) == 1.0 for s, p in zip(samples, preds)]
     combined = metrics.cv_bench_combined(correct, [s.meta["source"] for s in samples])
     return {"accuracy": combined["combined_accuracy"], "question_accuracy": result["accuracy"], **combined}
+
+
+def _mme_extra(samples: list[EvalSample], preds: list[str], result: dict) -> dict:
+    """MME: accuracy, accuracy+ and score per subtask; perception (/2000) and cognition (/800) totals."""
+    correct = [_score_mme(s, p) == 1.0 for s, p in zip(samples, preds)]
+    scores = metrics.mme_scores(correct, [s.meta["image_id"] for s in samples], [s.category for s in samples])
+    result["per_category"] = scores.pop("per_subtask")
+    return {**scores, "total_score": scores["perception_score"] + scores["cognition_score"]}
+
+
+def _mmbench_extra(samples: list[EvalSample], preds: list[str], result: dict) -> dict:
+    """MMBench CircularEval: accuracy over questions right in every rotation; per-pass accuracy beside it."""
+    correct = [_score_choice(s, p) == 1.0 for s, p in zip(samples, preds)]
+    ids, cats = [s.meta["question"] for s in samples], [s.category for s in samples]
+    return {"n_passes": len(samples), **metrics.circular_accuracy(correct, ids, cats)}
 
 
 def easy_vqa_baselines(samples: list[EvalSample], train_questions: Path) -> dict:
@@ -422,7 +361,7 @@ class BenchmarkSpec:
     reader: Callable[..., list[EvalSample]]
     """reader(path, image_root) -> samples."""
     kind: str
-    """Per-sample scorer: "short" (VQA soft accuracy / exact match), "yes_no", "choice"."""
+    """Per-sample scorer: "short" (VQA soft accuracy / exact match), "yes_no", "choice", "mme_yes_no"."""
     description: str
     default_data: Callable[[], Path] | None = None
     """Where the data is when --data is not given (embedded assets only)."""
@@ -451,6 +390,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("vqa", read_vqa, "short", "short-answer VQA jsonl"),
         BenchmarkSpec("textvqa", read_vqa, "short", "TextVQA (soft accuracy over 10 answers)"),
         BenchmarkSpec("gqa", read_vqa, "short", "GQA (exact match)"),
+        BenchmarkSpec("mme", read_mme, "mme_yes_no", "MME perception + cognition (yes/no)", None, _mme_extra),
+        BenchmarkSpec("mmbench", read_mmbench, "choice", "MMBench dev, circular", None, _mmbench_extra),
+        BenchmarkSpec("seed_bench", read_seed_bench, "choice", "SEED-Bench image questions (dimensions 1-9)"),
     ]
 }
 

@@ -8,6 +8,8 @@ Matching rules (docs/evaluation.md; answers are matched leniently):
   "The answer is (B)", or, failing that, from an answer that names exactly one option's text.
 - yes/no (POPE): the rule of the LLaVA POPE evaluator: "no" when the first sentence contains the
   word "no" or "not", "yes" otherwise.
+- yes/no (MME): the rule of MME's official `eval_tool/calculation.py`: after lower-casing, "yes" when
+  the first four characters contain "yes", else "no" when they contain "no", else "other" (wrong).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ NUMBER_WORDS = {
     )
 }
 LETTERS = string.ascii_uppercase
+MME_PERCEPTION = (
+    "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
+)  # fmt: skip
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 # Punctuation becomes a space, except "." and "," between digits ("3.5", "1,000").
 _PUNCT = re.compile(r"(?<!\d)[.,](?!\d)|[!\"#$%&'()*+\-/:;<=>?@\[\\\]^_`{|}~]")
 # A leading option marker: "(a)", "a)", "a.", "a:" followed by text or the end.
@@ -190,3 +196,52 @@ def cv_bench_combined(correct: Sequence[bool], sources: Sequence[str]) -> dict:
 def most_common(values: Iterable[str]) -> str:
     """The most frequent value (the first seen wins a tie)."""
     return Counter(values).most_common(1)[0][0]
+
+
+def parse_mme_yes_no(prediction: str) -> str:
+    """'yes', 'no' or 'other' for a free-form answer, as MME's official evaluator reads it."""
+    head = prediction.strip().lower()[:4]  # "yes, ..." / "no." / "not ..." -> the first 4 characters decide
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def mme_scores(correct: Sequence[bool], image_ids: Sequence[str], subtasks: Sequence[str]) -> dict:
+    """MME: per subtask accuracy (questions), accuracy+ (images with both questions right) and score.
+
+    score = 100 * (accuracy + accuracy+), at most 200 per subtask; the perception score sums the ten
+    perception subtasks (at most 2000), the cognition score the four cognition ones (at most 800).
+    """
+    per: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for ok, image, task in zip(correct, image_ids, subtasks, strict=True):
+        per[task][image].append(bool(ok))
+    out = {}
+    for task, images in sorted(per.items()):
+        answers = [ok for oks in images.values() for ok in oks]
+        acc = sum(answers) / len(answers)
+        acc_plus = sum(all(oks) for oks in images.values()) / len(images)
+        out[task] = {
+            "accuracy": acc,
+            "accuracy_plus": acc_plus,
+            "score": 100 * (acc + acc_plus),
+            "n": len(answers),
+            "n_images": len(images),
+        }
+    return {
+        "per_subtask": out,
+        "perception_score": sum(out[t]["score"] for t in MME_PERCEPTION if t in out),
+        "cognition_score": sum(out[t]["score"] for t in MME_COGNITION if t in out),
+    }
+
+
+def circular_accuracy(
+    correct: Sequence[bool], question_ids: Sequence[str], categories: Sequence[str]
+) -> dict:
+    """MMBench CircularEval: a question counts only when every pass (rotation of its options) is right."""
+    passes: dict[str, list[bool]] = defaultdict(list)
+    category: dict[str, str] = {}
+    for ok, qid, cat in zip(correct, question_ids, categories, strict=True):
+        passes[qid].append(bool(ok))
+        category[qid] = cat
+    qids = list(passes)
+    result = accuracy_by_category([float(all(passes[q])) for q in qids], [category[q] for q in qids])
+    result["pass_accuracy"] = sum(map(bool, correct)) / len(correct) if correct else 0.0
+    return result

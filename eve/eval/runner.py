@@ -142,10 +142,23 @@ def format_table(result: dict) -> str:
         lines.append(row(f"  {cat}", r["accuracy"], r["n"], cat))
     extra = [
         k
-        for k in ("question_accuracy", "precision", "recall", "f1", "yes_ratio", "accuracy_2d", "accuracy_3d")
+        for k in (
+            "question_accuracy",
+            "pass_accuracy",
+            "precision",
+            "recall",
+            "f1",
+            "yes_ratio",
+            "accuracy_2d",
+            "accuracy_3d",
+        )
         if result.get(k) is not None
     ]
     lines += [f"{k:24}{_pct(result[k]):>15}" for k in extra]
+    # MME scores are points (acc + acc+ in percent per subtask), not fractions.
+    if "total_score" in result:
+        lines += [f"{'  ' + c + ' score':24}{r['score']:>15.1f}" for c, r in result["per_category"].items()]
+        lines += [f"{k:24}{result[k]:>15.1f}" for k in ("perception_score", "cognition_score", "total_score")]
     if "majority" in base:
         lines.append(
             f"(majority answer: {base['majority']['answer']!r}; question-only = most common train answer)"

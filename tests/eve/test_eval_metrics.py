@@ -133,3 +133,36 @@ def test_cv_bench_combined_by_hand():
     assert r["accuracy_2d"] == pytest.approx(0.75)
     assert r["accuracy_3d"] == pytest.approx(0.25)
     assert r["combined_accuracy"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "pred, parsed",
+    [("Yes", "yes"), ("yes, it is.", "yes"), ("No.", "no"), ("not really", "no"), ("NO", "no"),
+     ("I think yes", "other"), ("Maybe", "other"), ("", "other")],
+)  # fmt: skip
+def test_parse_mme_yes_no(pred, parsed):
+    assert metrics.parse_mme_yes_no(pred) == parsed
+
+
+def test_mme_scores_by_hand():
+    # existence: image e1 both right, e2 one right; color: image c1 none right.
+    # Questions 3/6 = 50%, images 1/3 = 33.3%; existence 75 + 50 = 125, color 0 + 0 = 0.
+    correct = [True, True, True, False, False, False]
+    images = ["e1", "e1", "e2", "e2", "c1", "c1"]
+    tasks = ["existence"] * 4 + ["color"] * 2
+    r = metrics.mme_scores(correct, images, tasks)
+    assert r["per_subtask"]["existence"] == {
+        "accuracy": 0.75, "accuracy_plus": 0.5, "score": 125.0, "n": 4, "n_images": 2
+    }  # fmt: skip
+    assert r["per_subtask"]["color"]["score"] == 0.0
+    assert r["perception_score"] == 125.0 and r["cognition_score"] == 0.0
+    everything = metrics.mme_scores(correct, images, ["existence"] * 6)  # one subtask: 50% + 33.3%
+    assert everything["per_subtask"]["existence"]["score"] == pytest.approx(50 + 100 / 3)
+
+
+def test_circular_accuracy_needs_every_rotation():
+    # Two questions x 4 rotations; q2 fails in one rotation -> 1 of 2 questions; 7 of 8 passes.
+    correct = [True] * 4 + [True, False, True, True]
+    r = metrics.circular_accuracy(correct, ["q1"] * 4 + ["q2"] * 4, ["a"] * 4 + ["b"] * 4)
+    assert r["accuracy"] == 0.5 and r["n"] == 2 and r["pass_accuracy"] == 7 / 8
+    assert r["per_category"] == {"a": {"accuracy": 1.0, "n": 1}, "b": {"accuracy": 0.0, "n": 1}}
