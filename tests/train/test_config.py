@@ -223,3 +223,14 @@ def test_round_trip_through_a_dict(tmp_path):
     path = tmp_path / "copy.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config)))
     assert load_config(path) == config
+
+
+def test_llava_reference_configs_follow_llava_1_5():
+    # LLaVA-1.5: connector alignment LR 1e-3, batch 256; SFT LR 2e-5, batch 128; CLIP-L/14-336 layer -2.
+    align = load_config(CONFIGS / "llava15_7b/align.yaml")
+    sft = load_config(CONFIGS / "llava15_7b/sft.yaml")
+    assert (align.stage.name, align.optim.lr, align.train.global_batch_size) == ("align", 1e-3, 256)
+    assert (sft.stage.name, sft.optim.lr, sft.train.global_batch_size) == ("sft", 2e-5, 128)
+    assert align.teachers == [] and sft.teachers == []
+    assert align.model.overrides["vision_encoders"][0]["layers"] == [-2]
+    assert sft.model.init_path == align.train.output_dir + "/export"
