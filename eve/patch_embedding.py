@@ -35,6 +35,22 @@ def patchify(image: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
     return x.reshape(h * w * s * s, 3 * p * p)
 
 
+def check_packed_pixels(
+    pixel_values: torch.Tensor, image_grid_hw: torch.Tensor, patch_dim: int, patch_size: int, conv_stride: int
+) -> torch.Tensor:
+    """image_grid_hw on the CPU (n, 2), after checking that pixel_values (P, 3*p*p) holds its s*s*h*w
+    patches per image; a ValueError naming both shapes otherwise."""
+    grid = image_grid_hw.detach().to("cpu", torch.long)
+    expected = int((grid[:, 0] * grid[:, 1]).sum()) * conv_stride**2
+    if pixel_values.ndim != 2 or pixel_values.shape != (expected, patch_dim):
+        raise ValueError(
+            f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_hw {grid.tolist()} needs "
+            f"({expected}, {patch_dim}): sum of s*s*h*w patches of 3*p*p values (p={patch_size}, "
+            f"s={conv_stride}). Build both with EveImageProcessor."
+        )
+    return grid
+
+
 @dataclass
 class ImageLayout:
     """Index arithmetic that places every PEL output row of a batch of images, built once per batch."""
@@ -187,14 +203,9 @@ class EvePatchEmbedding(nn.Module):
         s2 = self.conv_stride**2
         weight = self.conv.weight  # (C, 3, p, p)
         dim = weight.shape[0]
-        grid = image_grid_hw.detach().to("cpu", torch.long)
-        expected = int((grid[:, 0] * grid[:, 1]).sum()) * s2
-        if pixel_values.ndim != 2 or pixel_values.shape != (expected, weight[0].numel()):
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_hw {grid.tolist()} needs "
-                f"({expected}, {weight[0].numel()}): sum of s*s*h*w patches of 3*p*p values (p={self.patch_size}, "
-                f"s={self.conv_stride}). Build both with EveImageProcessor."
-            )
+        grid = check_packed_pixels(
+            pixel_values, image_grid_hw, weight[0].numel(), self.patch_size, self.conv_stride
+        )
         layout = layout if layout is not None else self.layout(image_grid_hw)
         # Conv2d(kernel = stride = p) over un-padded images == one matmul over all packed patches.
         patches = F.linear(pixel_values.to(weight.dtype), weight.flatten(1))  # (P, C)
@@ -239,14 +250,9 @@ class Eve2PatchEmbedding(nn.Module):
         """pixel_values (P, 3*p*p) of all images, image_grid_hw (n, 2) -> (sum 1 + h*(w+1), D)."""
         s2 = self.conv_stride**2
         weight = self.conv.weight  # (C, 3, p, p)
-        grid = image_grid_hw.detach().to("cpu", torch.long)
-        expected = int((grid[:, 0] * grid[:, 1]).sum()) * s2
-        if pixel_values.ndim != 2 or pixel_values.shape != (expected, weight[0].numel()):
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_hw {grid.tolist()} needs "
-                f"({expected}, {weight[0].numel()}): sum of s*s*h*w patches of 3*p*p values (p={self.patch_size}, "
-                f"s={self.conv_stride}). Build both with EveImageProcessor."
-            )
+        grid = check_packed_pixels(
+            pixel_values, image_grid_hw, weight[0].numel(), self.patch_size, self.conv_stride
+        )
         layout = layout if layout is not None else self.layout(image_grid_hw)
         patches = F.gelu(F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.conv.bias))  # (P, C)
         # The second conv sees one window's s*s patches (raster order, window-major packing): its kernel
