@@ -170,6 +170,43 @@ class EmbeddedConfig:
     that a plain question in chat gets the same short answer."""
 
 
+def _dinov2_embed() -> EmbedConfig:
+    """The second embedder's default: DINOv2 ViT-L/14 through timm (weights: a local file)."""
+    return EmbedConfig(backend="timm", model="vit_large_patch14_dinov2.lvd142m", image_size=224)
+
+
+@dataclass
+class BlindPairsConfig:
+    """CLIP-blind pair mining (Eyes-Wide-Shut / MMVP): pairs alike for the embed step's features (a)
+    and unlike for a second embedder (b); an optional step after embed, off by default."""
+
+    enabled: bool = False
+    """Run the step (after embed) in `python -m data_curation.run`."""
+    embed: EmbedConfig = field(default_factory=_dinov2_embed)
+    """The second embedder (b), a self-supervised one in the recipe (DINOv2); its features are cached
+    per input shard under `blind_pairs/embed_b/`."""
+    stage: int | None = None
+    """timm only: use the output of this feature stage of `embed.model`
+    (`forward_intermediates` index; efficientnet_lite0 has 0..4) instead of its final features."""
+    stage_pool: str = "mean"
+    """With `stage`: `mean` (average the feature map over space) or `flatten` (keep its layout, so
+    that the features see where things are)."""
+    min_similarity_a: float = 0.95
+    """Keep a pair only when its cosine similarity under the embed step's features is above this."""
+    max_similarity_b: float = 0.6
+    """... and its cosine similarity under the second embedder is below this."""
+    search: str = "auto"
+    """FAISS search for the pairs above `min_similarity_a`: `range` (exact range search, CPU), `knn`
+    (k-NN with `knn_k` neighbours, on GPU when FAISS sees one; rows whose k-th neighbour is still above
+    the threshold are redone by range search, so the result is the same) or `auto` (knn on GPU, else range)."""
+    knn_k: int = 256
+    """Neighbours per query of the first k-NN pass of `search: knn` (at most 2048 on GPU)."""
+    montage_pairs: int = 16
+    """Pairs in `blind_pairs/montage.png` (the top ones: largest similarity gap a - b first)."""
+    template_pairs: int = 150
+    """Pairs in the annotation template `blind_pairs/questions.json` (MMVP: 150); 0 = all."""
+
+
 @dataclass
 class CurationConfig:
     """A full curation run: sources -> filter -> embed -> cluster -> select -> captions -> shards."""
@@ -190,6 +227,8 @@ class CurationConfig:
     """Decode / resolution / duplicate filter."""
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     """Feature extractor."""
+    blind_pairs: BlindPairsConfig = field(default_factory=BlindPairsConfig)
+    """CLIP-blind pair mining (optional, after embed)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """K-means."""
     select: SelectConfig = field(default_factory=SelectConfig)

@@ -1,9 +1,10 @@
-"""Step 8, report: counts per drop reason, timings, cluster-size histogram and montage (report/)."""
+"""Step 8, report: counts per drop reason, timings, cluster-size histogram and montages (report/)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter, defaultdict
 
@@ -119,6 +120,9 @@ def run(cfg: CurationConfig) -> dict:
     sizes = np.bincount(labels, minlength=stats["k"])
     plot_cluster_sizes(sizes, cfg.select.per_cluster, out / "cluster_sizes.png")
     montage(cfg, out / "montage.png")
+    blind = cfg.out / "blind_pairs" / "_SUCCESS.json"
+    if blind.exists():  # the optional blind_pairs step ran: its montage and counts join the report
+        shutil.copyfile(cfg.out / "blind_pairs" / "montage.png", out / "blind_pairs.png")
     record_timing(cfg.out, "report", time.time() - t0)
     timings = gather_timings(cfg)
     report = {
@@ -132,6 +136,8 @@ def run(cfg: CurationConfig) -> dict:
         },
         "config": config_to_dict(cfg),
     }
+    if blind.exists():
+        report["blind_pairs"] = json.loads(blind.read_text())
     write_json_atomic(out / "report.json", report)
     logger.info("curation report (%s):\n%s", out / "report.json", format_table(counts, timings))
     return report

@@ -3,7 +3,8 @@
 Every step skips work already on disk, so re-running after an interruption continues where it
 stopped and gives the same output. Under `torchrun` (RANK / WORLD_SIZE set) every rank filters and
 embeds its own input shards; rank 0 waits for the others' files, then clusters, selects, captions,
-shards and reports, and the other ranks exit.
+shards and reports, and the other ranks exit. The optional blind_pairs step (CLIP-blind pair mining)
+runs after embed when `blind_pairs.enabled` is set; every rank mines its own shards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 
 from eve.console import setup_logging
 
-from . import captions, cluster, embed, filter, report, selection, shard, sources
+from . import blind_pairs, captions, cluster, embed, filter, report, selection, shard, sources
 from .common import NothingKeptError, get_rank
 from .config import CurationConfig, parse_step_args
 
@@ -22,6 +23,7 @@ STEPS = (
     ("scan", sources),
     ("filter", filter),
     ("embed", embed),
+    ("blind_pairs", blind_pairs),  # optional (blind_pairs.enabled): CLIP-blind pair mining
     ("cluster", cluster),
     ("select", selection),
     ("captions", captions),
