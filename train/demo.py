@@ -247,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
         [] if args.eval_limit is None else ["--limit", str(args.eval_limit)]
     )
 
-    timings: dict[str, float] = {}
-    t0 = time.time()
+    # Seconds per step, kept in the run directory as each step finishes, so that a demo continued
+    # after an interruption still reports the steps an earlier invocation ran.
+    timings_file = run / "demo_timings.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    timings.pop("total", None)
     seeded = ([], []) if args.seed is None else ([f"seed={args.seed}"], [f"train.seed={args.seed}"])
     steps = demo_steps(
         run,
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("== %s: --force: deleting %s", step.name, step.output)
             shutil.rmtree(step.output)
         timings[step.name] = round(run_step(step, log_dir), 1)
-    timings["total"] = round(time.time() - t0, 1)
+        timings_file.write_text(json.dumps(timings, indent=1))
+    timings["total"] = round(sum(timings.get(s.name, 0.0) for s in steps), 1)
 
     plot_losses(run, run / "loss_curves.png")
     result = json.loads((run / "eval" / "easy_vqa.json").read_text())

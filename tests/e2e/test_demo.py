@@ -50,6 +50,11 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     assert sft_processor["answer_instruction"] == "Answer the question using a single word or phrase."
     assert "answer_instruction" not in json.loads((run / "stage2/export/processor_config.json").read_text())
     summary = json.loads((run / "demo_summary.json").read_text())
+    timed = ("curate", "stage1", "stage2", "sft", "eval")
+    assert list(summary["timings_s"]) == [*timed, "total"]
+    assert summary["timings_s"]["total"] == pytest.approx(
+        sum(summary["timings_s"][k] for k in timed), abs=0.2
+    )
     # The plain-question check went through the chat entry point: 5 images x (colour, shape).
     assert summary["chat_check"]["n"] == 10 and len(summary["chat_check"]["answers"]) == 10
     assert summary["easy_vqa"]["n"] == 12 and summary["align"] is True
