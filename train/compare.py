@@ -196,8 +196,8 @@ def model_facts(export: Path) -> dict:
     return {"params_total": total, "params_trained": total - frozen, "image_tokens": image_tokens}
 
 
-def summarize(name: str, variant: Variant, out: Path, wall: dict[str, float]) -> dict:
-    """One table row from a finished variant's files."""
+def summarize(name: str, variant: Variant, out: Path) -> dict:
+    """One table row from a finished variant's files (wall time: its steps' `timings.json`)."""
     result = json.loads((out / "eval" / "easy_vqa.json").read_text())
     row = {
         "variant": name,
@@ -211,10 +211,7 @@ def summarize(name: str, variant: Variant, out: Path, wall: dict[str, float]) ->
         "sft_tokens_per_s": mean_tokens_per_s(out / "sft" / "metrics.jsonl"),
     }
     timings = out / "timings.json"
-    saved = json.loads(timings.read_text()) if timings.is_file() else {}
-    saved.update(wall)
-    timings.write_text(json.dumps(saved))
-    row["wall_s"] = round(sum(saved.values()), 1)
+    row["wall_s"] = round(sum(json.loads(timings.read_text()).values()), 1) if timings.is_file() else None
     return row
 
 
@@ -234,32 +231,31 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['variant']} | {'encoder-free' if r['encoder_free'] else 'encoders'} | {_pct(r, 'accuracy')} "
             f"| {_pct(r, 'colour')} | {_pct(r, 'shape')} | {_pct(r, 'yes/no')} | {r['image_tokens']} "
             f"| {r['params_trained'] / 1e6:.2f}M / {r['params_total'] / 1e6:.2f}M | {tps} "
-            f"| {r['wall_s'] / 60:.1f} min |"
+            f"| {'-' if r['wall_s'] is None else format(r['wall_s'] / 60, '.1f') + ' min'} |"
         )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against wall time, one labelled point per variant (encoder-free and encoder-based apart)."""
+    """Accuracy per question kind, one group of bars per variant (encoder-free ones hatched)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        marker = "o" if r["encoder_free"] else "s"
-        ax.scatter(r["wall_s"] / 60, 100 * r["accuracy"], marker=marker, s=40)
-        ax.annotate(
-            r["variant"],
-            (r["wall_s"] / 60, 100 * r["accuracy"]),
-            fontsize=8,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("wall time of the variant (min)")
+    kinds = ["accuracy", "colour", "shape", "yes/no"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        xs = [i + (k - 1.5) * width for i in range(len(rows))]
+        ys = [100 * (r.get(kind) or 0) for r in rows]
+        bars = ax.bar(xs, ys, width, label="overall" if kind == "accuracy" else kind)
+        for bar, r in zip(bars, rows):
+            bar.set_hatch("//" if r["encoder_free"] else "")
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20)
     ax.set_ylabel(f"easy-vqa accuracy (%), first {rows[0]['n']} test questions")
-    ax.set_title("encoder-free (circles) vs encoder-based (squares), identical data and schedule")
+    ax.set_title("identical data and schedule (hatched: encoder-free)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -311,7 +307,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for name in names:
-        wall = {}
+        # Seconds per step, written as each step finishes (a re-run keeps those of earlier runs).
+        timings = run / name / "timings.json"
+        wall = json.loads(timings.read_text()) if timings.is_file() else {}
         for step in variant_steps(name, VARIANTS[name], run, data, sched):
             if step.done_marker.exists() and not args.force:
                 logger.info("== %s/%s: done already (%s)", name, step.name, step.done_marker)
@@ -321,7 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             t0 = time.time()
             run_step(Step(f"{name}.{step.name}", step.argv, step.done_marker, step.output), run / "logs")
             wall[step.name] = round(time.time() - t0, 1)
-        rows.append(summarize(name, VARIANTS[name], run / name, wall))
+            timings.write_text(json.dumps(wall))
+        rows.append(summarize(name, VARIANTS[name], run / name))
 
     (run / "compare.json").write_text(json.dumps({"schedule": sched.__dict__, "rows": rows}, indent=2))
     table = markdown_table(rows)
