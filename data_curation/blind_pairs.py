@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .common import (
     Record,
+    check_meta,
     decode_image,
     get_rank,
     my_shards,
@@ -262,16 +263,8 @@ def _check_meta(cfg: CurationConfig) -> None:
     b = cfg.blind_pairs
     meta = {k: getattr(b.embed, k) for k in ("backend", "model", "weights", "image_size")}
     meta.update(stage=b.stage, min_similarity_a=b.min_similarity_a, max_similarity_b=b.max_similarity_b)
-    path = cfg.out / "blind_pairs" / "meta.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != meta:
-            raise ValueError(
-                f"{path}: cached blind pairs come from {old}, the config asks for {meta}; "
-                "use a new out_dir or delete the blind_pairs/ folder"
-            )
-    elif get_rank()[0] == 0:
-        write_json_atomic(path, meta)
+    fix = "use a new out_dir or delete the blind_pairs/ folder"
+    check_meta(cfg.out / "blind_pairs" / "meta.json", meta, "cached blind pairs", fix)
 
 
 def run(cfg: CurationConfig, force: bool = False) -> dict:

@@ -193,3 +193,14 @@ def decode_image(
             f"{where}: cannot decode image ({type(e).__name__}: {e}); the file is skipped"
         ) from e
     return rgb, fmt, mode, converted
+
+
+def check_meta(path: Path, meta: dict, what: str, fix: str) -> None:
+    """Refuse to mix outputs of different settings in one folder: `path` (a meta.json) must hold `meta`
+    when it exists; rank 0 writes it otherwise. `what`: what the folder caches; `fix`: the way out."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != meta:
+            raise ValueError(f"{path}: {what} come from {old}, the config asks for {meta}; {fix}")
+    elif get_rank()[0] == 0:
+        write_json_atomic(path, meta)

@@ -24,6 +24,7 @@ from .common import (
     ImageDecodeError,
     Record,
     check_kept,
+    check_meta,
     decode_image,
     get_rank,
     my_shards,
@@ -187,16 +188,8 @@ def load_features(cfg: CurationConfig, n_shards: int) -> tuple[list[str], np.nda
 def _check_meta(cfg: CurationConfig) -> None:
     """Refuse to mix features of different extractors in one output folder."""
     meta = {k: getattr(cfg.embed, k) for k in ("backend", "model", "weights", "image_size")}
-    path = cfg.out / "embed" / "meta.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != meta:
-            raise ValueError(
-                f"{path}: cached features come from {old}, the config asks for {meta}; "
-                "use a new out_dir or delete the embed/ folder (and later steps)"
-            )
-    elif get_rank()[0] == 0:
-        write_json_atomic(path, meta)
+    fix = "use a new out_dir or delete the embed/ folder (and later steps)"
+    check_meta(cfg.out / "embed" / "meta.json", meta, "cached features", fix)
 
 
 def run(cfg: CurationConfig) -> None:
