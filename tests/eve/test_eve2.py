@@ -11,24 +11,16 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from eve import EveConfig, EveForCausalLM
 from eve.image_processing_eve import EveImageProcessor
 from eve.patch_embedding import Eve2PatchEmbedding, patchify
+from tests.conftest import TINY_OVERRIDES
 from tests.eve.test_modeling import collate, image_sample
 
 # fp32 throughout. The sparse path and the references run the same ops on differently shaped (gathered,
 # padded or masked) inputs, so only the summation order differs: ~1e-6 on O(1-10) values after 2 layers.
 ATOL = 1e-5
 
-# tiny-eve2 scaled to the size of the other model tests: 2 Qwen2 layers of width 64, GQA 4/2, 4-px patches,
-# 2 x 2 merge (8 px per token), sqrt(H*W) = 32 px.
-TINY2 = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vision_hidden_size=32,
-    vision_patch_size=4,
-    max_image_size=32,
-)
+# tiny-eve2 at the size of the other model tests (tests/conftest.py): 2 Qwen2 layers of width 64, GQA 4/2,
+# 4-px patches, 2 x 2 merge (8 px per token), sqrt(H*W) = 32 px.
+TINY2 = TINY_OVERRIDES
 
 
 def tiny_eve2(preset: str = "tiny-eve2", **overrides) -> EveForCausalLM:
