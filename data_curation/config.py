@@ -161,6 +161,10 @@ class EmbeddedConfig:
     sft_turns: int = 3
     """Questions of one easy-vqa image per SFT conversation (0: all of them). The evaluation asks one
     question at a time; fewer turns leave fewer earlier answers to copy from."""
+    caption_checks: int = 1
+    """Attribute checks per attribute at the start of each easy-vqa caption ("is there a red no, ...",
+    `data_curation.embedded.attribute_checks`), each naming the image's own attribute or another with
+    odds 1/2."""
     sft_balanced: int = 0
     """Extra yes/no questions per easy-vqa train image, in the train split's question forms, naming the
     image's own colour or shape with odds 1/2 (easy-vqa's own name it in about 1 of 6), so that SFT

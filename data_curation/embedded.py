@@ -6,8 +6,8 @@
   and `easy_vqa/{train,test}/questions.json`,
 - `skimage_photos/` (a link to scikit-image's data folder),
 - `sources.jsonl`: one `{"image", "caption", "source"}` per curation input (paths relative to it); an
-  easy-vqa caption is two attribute checks, then the description: "is there a red yes, is a circle
-  no. A blue circle.",
+  easy-vqa caption is `embedded.caption_checks` attribute checks of each attribute, then the
+  description: "is there a red yes, is a circle no. A blue circle.",
 - `sft_easy_vqa.json`: LLaVA JSON, conversations of `embedded.sft_turns` questions of one train image:
   its easy-vqa questions plus `embedded.sft_balanced` yes/no questions in the same forms that name the
   image's own attribute half of the time; a share `embedded.sft_plain_share` of the questions come
@@ -174,22 +174,24 @@ def name_attribute(value: str, vocab: tuple[str, ...], rng: random.Random) -> tu
     return (value if same else rng.choice([v for v in vocab if v != value])), same
 
 
-def attribute_checks(colour: str | None, shape: str | None, rng: random.Random) -> str:
-    """ "is there a red yes, is a circle no.": one check of the colour and one of the shape.
+def attribute_checks(
+    colour: str | None, shape: str | None, rng: random.Random, per_attribute: int = 1
+) -> str:
+    """ "is there a red yes, is a circle no.": `per_attribute` checks of the colour, then of the shape.
 
     Each check is the start of an easy-vqa yes/no question (non-negated) cut right after its
     attribute, then whether the image has that attribute; the attribute named is the image's own or
     another with equal odds, so the verdict cannot be read off the text. The verdict follows the
     attribute word directly, so stage 2 trains the comparison of the named attribute with the image
     at the position of that word, the position where the evaluation prompt names the attribute it
-    asks about. An unknown attribute gets no check.
+    asks about. Each check is drawn on its own, so a caption with several checks of one attribute
+    trains the comparison at each of their words. An unknown attribute gets no check.
     """
     checks = []
     for value, vocab in ((colour, COLORS), (shape, SHAPES)):
-        if value is None:
-            continue
-        named, same = name_attribute(value, vocab, rng)
-        checks.append(f"{rng.choice(CHECK_PREFIXES)} {named} {'yes' if same else 'no'}")
+        for _ in range(per_attribute if value is not None else 0):
+            named, same = name_attribute(value, vocab, rng)
+            checks.append(f"{rng.choice(CHECK_PREFIXES)} {named} {'yes' if same else 'no'}")
     return f"{', '.join(checks)}." if checks else ""
 
 
@@ -264,7 +266,11 @@ def build(cfg: EmbeddedConfig, seed: int = 0) -> dict:
     check_rng = random.Random(f"checks-{seed}")
     rows = []
     for i in sorted(per_image):
-        caption = " ".join(p for p in (attribute_checks(*attrs[i], check_rng), caption_for(*attrs[i])) if p)
+        caption = " ".join(
+            p
+            for p in (attribute_checks(*attrs[i], check_rng, cfg.caption_checks), caption_for(*attrs[i]))
+            if p
+        )
         rows.append(
             {"image": f"easy_vqa/train/images/{i}.png", "caption": caption, "source": "easy_vqa_train"}
         )
