@@ -184,14 +184,23 @@ def attribute_checks(
     another with equal odds, so the verdict cannot be read off the text. The verdict follows the
     attribute word directly, so stage 2 trains the comparison of the named attribute with the image
     at the position of that word, the position where the evaluation prompt names the attribute it
-    asks about. Each check is drawn on its own, so a caption with several checks of one attribute
-    trains the comparison at each of their words. An unknown attribute gets no check.
+    asks about. Several checks of one attribute name different values: until the image's own has
+    been named, each names it with odds 1/2, so the verdict of every check up to the first "yes" is
+    unknown from the text. An unknown attribute gets no check.
     """
     checks = []
     for value, vocab in ((colour, COLORS), (shape, SHAPES)):
+        named: list[str] = []
         for _ in range(per_attribute if value is not None else 0):
-            named, same = name_attribute(value, vocab, rng)
-            checks.append(f"{rng.choice(CHECK_PREFIXES)} {named} {'yes' if same else 'no'}")
+            others = [v for v in vocab if v != value and v not in named]
+            if value in named:
+                if not others:
+                    break
+                name = rng.choice(others)
+            else:
+                name = value if rng.random() < 0.5 or not others else rng.choice(others)
+            named.append(name)
+            checks.append(f"{rng.choice(CHECK_PREFIXES)} {name} {'yes' if name == value else 'no'}")
     return f"{', '.join(checks)}." if checks else ""
 
 

@@ -166,6 +166,31 @@ def test_attribute_checks():
     assert split_check(attribute_checks(None, "circle", rng)[:-1])[1] in SHAPES
 
 
+def test_several_attribute_checks_name_different_values_until_the_own_one():
+    """With three checks per attribute the named values of one attribute differ; every check before the
+    first "yes" names the image's own value with odds 1/2 (so the first check is "yes" about half the
+    time), and the checks after it are all "no"."""
+    import random
+
+    rng = random.Random(0)
+    first_yes, n = 0, 300
+    for k in range(n):
+        colour, shape = COLORS[k % 8], SHAPES[k % 3]
+        checks = [
+            split_check(c) for c in attribute_checks(colour, shape, rng, per_attribute=3)[:-1].split(", ")
+        ]
+        colours, shapes = checks[:3], checks[3:]
+        assert [w in COLORS for _, w, _ in colours] == [True] * 3 and all(w in SHAPES for _, w, _ in shapes)
+        for group, own in ((colours, colour), (shapes, shape)):
+            words = [w for _, w, _ in group]
+            assert len(set(words)) == len(words)  # no value named twice
+            assert [v for _, w, v in group] == ["yes" if w == own else "no" for w in words]
+        first_yes += colours[0][2] == "yes"
+    assert 120 < first_yes < 180  # p = 1/2 over 300: mean 150, sd 8.7
+    # Shapes have three values: the third check of a shape names the one value not named yet.
+    assert {w for _, w, _ in shapes} == set(SHAPES)
+
+
 def image_of(path: str) -> int:
     """The easy-vqa image id of ".../images/17.png"."""
     return int(path.rsplit("/", 1)[1].split(".")[0])
