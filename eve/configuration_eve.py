@@ -127,6 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EVEv2-7B on Qwen2.5-7B-Instruct: sqrt(H*W) = 800 px (stages 0 and 1.0; 1600 from stage 1.1 on), so a
     # square image is a 25 x 25 grid, 1 + 25 * 26 = 651 tokens. The vision fields are the official ones.
     "eve2-7b": {**_QWEN25_7B, **_EVE2_VISION, "max_image_size": 800},
+    # EVE-7B-HD-v2.0: the same model trained and released at sqrt(H*W) up to 1600 px.
+    "eve2-7b-hd": {**_QWEN25_7B, **_EVE2_VISION, "max_image_size": 1600},
     # The tiny LLM on a Qwen2 backbone, with EVE's PEL and shared layers (the "tiny" preset otherwise).
     "tiny-qwen2": dict(
         **_TINY_QWEN2,
