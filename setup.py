@@ -3,7 +3,14 @@
 from setuptools import find_packages, setup
 
 EXTRAS = {
-    "train": ["deepspeed>=0.14", "webdataset>=0.2.86", "pyyaml>=6", "tqdm>=4.60", "matplotlib>=3.7"],
+    "train": [
+        "deepspeed>=0.14",
+        "peft>=0.13",  # LoRA (train/lora.py)
+        "webdataset>=0.2.86",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
     "curate": [
         "open_clip_torch>=2.24",
         "faiss-cpu>=1.8",

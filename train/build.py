@@ -1,7 +1,8 @@
 """Everything a stage builds before its first step, from the run config: one function per part.
 
 check_inputs(config, stage)            # every path in the config exists, before any process group
-build_model(config, stage)             # EveForCausalLM + EveProcessor (previous export, LLM or random)
+build_model(config, stage)             # EveForCausalLM + EveProcessor (previous export, LLM or random),
+                                       # with LoRA adapters when lora.enabled
 build_aligner(config, model, teachers) # the aligning heads: continued from the export, or fresh
 build_train_loader(...)                # this rank's resumable loader of micro-batches
 build_optimizer(config, groups, steps) # torch AdamW + the LR schedule
@@ -31,6 +32,7 @@ from train.config import RunConfig
 from train.data import DataOptions
 from train.distributed import DistInfo
 from train.loader import EveDataLoader, build_dataloader
+from train.lora import add_lora
 from train.packing import DummyImage
 from train.records import expand_shards, load_json_records
 from train.stages import Stage, get_stage
@@ -131,8 +133,17 @@ def build_model(config: RunConfig, stage: Stage) -> tuple[EveForCausalLM, EvePro
         saved = init / PROCESSOR_CONFIG_NAME
         inherited = json.loads(saved.read_text()).get("answer_instruction") if saved.is_file() else None
         processor.answer_instruction = config.export.answer_instruction or inherited
-        return model, processor
+    else:
+        model, processor = _new_model(config, template)
+    if config.lora.enabled:
+        # Adapters above the layers that optim.frozen_llm_layers keeps frozen (they would not train).
+        add_lora(model, config.lora, first_layer=config.optim.frozen_llm_layers)
+    return model, processor
 
+
+def _new_model(config: RunConfig, template: str) -> tuple[EveForCausalLM, EveProcessor]:
+    """A model that no export holds yet: from an LLM directory (or GGUF), or a random tiny LLM."""
+    mc = config.model
     llm = llm_dir(config)
     if llm is None:
         model = EveForCausalLM(EveConfig.from_preset(mc.preset, **mc.overrides))
@@ -141,7 +152,7 @@ def build_model(config: RunConfig, stage: Stage) -> tuple[EveForCausalLM, EvePro
         # The preset's vision fields on top of the LLM's own text config.
         vision = {k: v for k, v in PRESETS[mc.preset].items() if k not in LlamaConfig.__dataclass_fields__}
         model = EveForCausalLM.from_llm(
-            str(llm), gguf_file=mc.gguf_file, dtype=dtype, **{**vision, **mc.overrides}
+            str(llm), gguf_file=mc.gguf_file, dtype=torch.float32, **{**vision, **mc.overrides}
         )
         if mc.tokenizer_path:
             tokenizer = load_tokenizer(mc.tokenizer_path)

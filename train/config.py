@@ -109,8 +109,8 @@ class OptimConfig:
     lr: float = 4e-4
     """Peak learning rate (after warm-up)."""
     lr_scale: dict[str, float] = field(default_factory=dict)
-    """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner", "encoders"), on top of the
-    stage table."""
+    """Per-group multipliers of `lr` ("llm", "vision", "projector", "aligner", "encoders", "lora": the
+    LoRA adapters), on top of the stage table."""
     frozen: list[str] = field(default_factory=list)
     """Groups kept frozen although the stage table trains them (e.g. ["vision", "projector"])."""
     unfrozen: list[str] = field(default_factory=list)
@@ -137,6 +137,28 @@ class OptimConfig:
     fused: bool = True
     """Use torch's fused AdamW kernel (one kernel for all parameters; ~9x faster than the default
     per-tensor loop on CPU, also on GPU); False: the reference per-tensor implementation."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA: low-rank adapters (peft) trained in place of the LLM's weights."""
+
+    enabled: bool = False
+    """Train adapters on the LLM's Linear layers instead of the LLM (stage2, sft): its weights, LM head,
+    embeddings and norms stay frozen; the other groups (vision, projector, aligner, ...) train as the
+    stage and `optim` say. The export has the adapters merged into the weights; when nothing else in the
+    model trains (e.g. `optim.frozen: [vision, projector]`), also alone in `adapter/`, in peft's format."""
+    r: int = 8
+    """Rank of every adapter: A is (r, in), B is (out, r)."""
+    alpha: float = 16.0
+    """The adapters' outputs are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on an adapter's input while training."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers of every decoder layer that get an adapter, by attribute name (default: attention
+    and MLP, all of them); layers below `optim.frozen_llm_layers` get none."""
 
 
 @dataclass
@@ -210,6 +232,8 @@ class RunConfig:
     """Patch Aligning Layer shape."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters in place of the LLM's weights (off: the stage trains the LLM itself)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -45,6 +45,14 @@ from train.build import (
 from train.checkpointing import load_checkpoint, read_config, read_meta, resolve_resume, save_checkpoint
 from train.config import RunConfig, config_to_dict
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from train.lora import (
+    ADAPTER_DIR,
+    lora_layers,
+    lora_stage,
+    merged_state_dict,
+    only_adapters_train,
+    save_adapter,
+)
 from train.metrics import MetricsWriter
 from train.rundir import check_resume_config, claim, publish_export, write_claim
 from train.stages import (
@@ -202,6 +210,8 @@ class Trainer:
 def train(config: RunConfig) -> Path:
     """Train one stage; returns the export directory (or the run directory when stopped early)."""
     stage = get_stage(config.stage.name)
+    if config.lora.enabled:
+        stage = lora_stage(stage)  # the adapters train where the stage trains the LLM
     tc = config.train
     check_inputs(config, stage)
     use_ds = tc.deepspeed is not None
@@ -379,6 +389,9 @@ def export(
 ) -> None:
     """save_pretrained (+ tokenizer, processor config), aligner.safetensors + aligner_config.json.
 
+    With LoRA the saved weights have the adapters merged in; when the adapters were all that trained in
+    the model, they are also written alone to `adapter/` (peft's format, for the init export).
+
     Written whole or not at all (`publish_export`: a temporary directory renamed into place, with
     `export.json` = info inside). zero3_engine: the DeepSpeed engine when the weights are ZeRO-3
     shards (gathered onto rank 0 first).
@@ -390,11 +403,17 @@ def export(
     if dist_info.is_main:
 
         def write(directory: Path) -> None:
-            if state is None:
-                module.model.save_pretrained(str(directory))
-            else:
+            model_state = None
+            if state is not None:
                 model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-                module.model.save_pretrained(str(directory), state_dict=model_state)
+            if lora_layers(module.model):
+                model_state = module.model.state_dict() if model_state is None else model_state
+                # The adapters alone describe the run only when nothing else in the model trained.
+                if only_adapters_train(module.model):
+                    save_adapter(module.model, model_state, directory / ADAPTER_DIR)
+                # A plain EveForCausalLM: the adapters merged into its weights, no peft needed to load it.
+                model_state = merged_state_dict(module.model, model_state)
+            module.model.save_pretrained(str(directory), state_dict=model_state)
             processor.save_pretrained(str(directory))
             if module.aligner is not None:
                 aligner = module.aligner

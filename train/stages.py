@@ -17,11 +17,12 @@ from types import MappingProxyType
 from torch import nn
 
 from eve.vision_frontends import EncoderFrontend
+from train.lora import adapter_modules
 
 logger = logging.getLogger(__name__)
 
 
-GROUPS = ("llm", "visual", "vision", "projector", "aligner", "encoders")
+GROUPS = ("llm", "visual", "vision", "projector", "aligner", "encoders", "lora")
 """Every trained parameter belongs to exactly one of these groups."""
 
 
@@ -115,10 +116,10 @@ def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list
 
     projector: the PEL -> LLM MLP, or an encoder front-end's connector; vision: the rest of the patch
     embedding layer (conv, CA1, CLS + CA2, SPL); encoders: an encoder front-end's pretrained encoders;
-    visual: the image copies of EVEv2's decoder layers; llm: the rest of the decoder (embeddings, layers,
-    final norm) and the LM head; aligner: every teacher's PAL
-    head. A parameter belongs to the first group that reaches it, which is why the projector (a
-    submodule of the vision tower) is listed before the vision tower.
+    visual: the image copies of EVEv2's decoder layers; lora: the LoRA adapters inside the decoder (none
+    unless `lora.enabled`); llm: the rest of the decoder (embeddings, layers, final norm) and the LM
+    head; aligner: every teacher's PAL head. A parameter belongs to the first group that reaches it,
+    which is why the projector (a submodule of the vision tower) is listed before the vision tower.
     """
     tower = model.vision_tower
     if isinstance(tower, EncoderFrontend):
@@ -129,6 +130,7 @@ def module_groups(model: nn.Module, aligner: nn.Module | None) -> dict[str, list
         **vision,
         # listed before llm, which holds them: the image copies of a modality-split decoder (EVEv2)
         "visual": [layer.visual for layer in model.model.layers if hasattr(layer, "visual")],
+        "lora": adapter_modules(model),  # inside llm too, so listed before it
         "llm": [model.model, model.lm_head],
         "aligner": [aligner] if aligner is not None else [],
     }

@@ -36,6 +36,7 @@ def test_every_training_yaml_is_covered():
         "tiny/stage1.yaml",
         "tiny/stage2.yaml",
         "tiny/sft.yaml",
+        "tiny/sft_lora.yaml",  # LoRA (tests/train/test_lora.py)
         "tiny/stage1_multilevel.yaml",  # multi-level aligning (tests/train/test_multilevel.py)
         "tiny/stage2_multilevel.yaml",
         "eve7b/stage1.yaml",
