@@ -1,4 +1,4 @@
-"""Chat templates as data: the `plain` (pre-training) and `vicuna_v1` (SFT) layouts of LLaVA/EVE.
+"""Chat templates as data: the `plain` (pre-training) and `vicuna_v1` (SFT) layouts of LLaVA/EVE, `qwen2` of EVEv2.
 
 A template turns a LLaVA conversation `[{"from": "human"|"gpt", "value": ...}, ...]` into text pieces
 `(text, is_target)`; the processor tokenizes them and supervises only the target pieces. The layouts
@@ -8,6 +8,8 @@ follow the official EVE/LLaVA code (`conv_vicuna_v1`, `conv_eve_plain`, `preproc
 - vicuna_v1: `"{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"`; the
   targets are `" {a}</s>"` (the space before the answer belongs to its first token, "▁Yes", exactly
   the token that greedy decoding produces after a prompt ending in "ASSISTANT:").
+- qwen2: EVEv2's SFT layout (its `conv_qwen_v2`): vicuna_v1's system text and turns, each answer
+  closed by Qwen2's `<|im_end|>` instead of `</s>`.
 - plain: `"<image>{caption}\\n"`; the human text is dropped (as the official code does) and the
   target is `"{caption}\\n"`. Its generation prompt is `"<image>"` (the official `get_prompt` would
   append a "\\n" that training never saw).
@@ -77,6 +79,18 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_prefix="ASSISTANT:",
         answer_prefix=" ",
         answer_suffix="</s>",
+        image_sep="\n",
+        keep_user_text=True,
+    ),
+    "qwen2": ChatTemplate(
+        name="qwen2",
+        system=VICUNA_SYSTEM,
+        system_sep=" ",
+        user_prefix="USER: ",
+        user_suffix=" ",
+        assistant_prefix="ASSISTANT:",
+        answer_prefix=" ",
+        answer_suffix="<|im_end|>",
         image_sep="\n",
         keep_user_text=True,
     ),

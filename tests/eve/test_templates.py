@@ -30,6 +30,17 @@ def test_vicuna_v1_text_and_targets_match_the_official_layout():
     )
 
 
+def test_qwen2_text_and_targets_match_the_official_evev2_layout():
+    pieces = conversation_to_pieces(CONV, "qwen2")
+    # EVEv2's conv_qwen_v2: the Vicuna system text, roles USER/ASSISTANT, sep " ", sep2 "<|im_end|>";
+    # preprocess_eve supervises each answer with its sep2.
+    assert "".join(t for t, _ in pieces) == (
+        VICUNA_SYSTEM + " USER: <image>\nWhat shape is this? ASSISTANT: A circle.<|im_end|>"
+        "USER: What colour? ASSISTANT: Red<|im_end|>"
+    )
+    assert [t for t, target in pieces if target] == [" A circle.<|im_end|>", " Red<|im_end|>"]
+
+
 def test_plain_drops_the_human_text_and_supervises_caption_and_newline():
     conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red circle."}]
     assert conversation_to_pieces(conv, "plain") == [("<image>", False), ("A red circle.\n", True)]
@@ -69,4 +80,4 @@ def test_plain_takes_one_pair_and_templates_are_frozen_data():
         get_template("chatml")
     with pytest.raises(dataclasses.FrozenInstanceError):
         TEMPLATES["plain"].answer_suffix = ""
-    assert set(TEMPLATES) == {"plain", "vicuna_v1"}
+    assert set(TEMPLATES) == {"plain", "vicuna_v1", "qwen2"}

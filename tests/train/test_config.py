@@ -85,6 +85,41 @@ def test_7b_configs_have_the_paper_numbers(family):
         assert (teacher.image_size, deepest) == (336, -2), path  # CLIP-L/14-336, penultimate
 
 
+# EVEv2-7B's official scripts (128 GPUs): stage -> (config, lr, global batch, max length, template, px).
+EVE2_OFFICIAL = {
+    "0": ("stage0", 2e-4, 1024, 2048, "plain", 800),
+    "1.0": ("stage1", 1e-4, 1024, 2048, "plain", 800),
+    "1.1": ("stage1_hd", 5e-5, 1024, 4096, "plain", 1600),
+    "2": ("stage2", 2e-5, 512, 4096, "qwen2", 1600),
+    "3": ("sft", 1e-5, 512, 5000, "qwen2", 1600),
+}
+
+
+def test_eve2_7b_configs_have_the_official_numbers():
+    from eve.configuration_eve import EveConfig
+
+    assert {p.stem for p in (CONFIGS / "eve2_7b").glob("*.yaml")} == {v[0] for v in EVE2_OFFICIAL.values()}
+    trained = {}
+    previous = None
+    for name, lr, batch, length, template, px in EVE2_OFFICIAL.values():
+        config = load_config(CONFIGS / f"eve2_7b/{name}.yaml")
+        assert (config.optim.lr, config.train.global_batch_size) == (lr, batch), name
+        assert (config.data.max_length, config.data.template) == (length, template), name
+        assert config.optim.warmup_ratio == 0.03 and config.optim.weight_decay == 0.0, name
+        assert config.teachers == [], name  # no aligning loss in EVEv2
+        assert config.train.deepspeed == "configs/deepspeed/zero3.json", name
+        model = EveConfig.from_preset(config.model.preset, **config.model.overrides)
+        assert (model.backbone, model.vision_frontend, model.max_image_size) == ("qwen2", "pel2", px), name
+        # Each stage starts from the one before (stage 0 from the Qwen2.5 LLM).
+        assert config.model.init_path == (None if previous is None else f"runs/eve2_7b/{previous}/export"), name
+        assert config.train.output_dir == f"runs/eve2_7b/{name}", name
+        previous = name
+        trained[name] = set(STAGES[config.stage.name].trainable)
+    assert trained["stage0"] == {"vision", "projector"}
+    assert trained["stage1"] == trained["stage1_hd"] == {"vision", "projector", "visual"}
+    assert {"llm", "visual", "vision"} <= trained["stage2"] == trained["sft"]
+
+
 def test_hd_sft_raises_the_image_size():
     config = load_config(CONFIGS / "eve7b_hd/sft.yaml")
     from eve.configuration_eve import PRESETS
