@@ -187,3 +187,42 @@ def test_two_ranks_zero3_with_frozen_lower_layers(sft_setup):
     assert any(k.startswith(held) for k in init)
     for key, value in init.items():
         assert torch.equal(after[key], value) == key.startswith(held), key
+
+
+def test_two_ranks_zero3_eve2_equal_one_rank(tmp_path):
+    """EVEv2 (visual layer copies) under ZeRO-3, 2 ranks == one plain process. Every third sample is
+    text-only, so one rank often has no image token while the other routes its images through the
+    visual copies: the dummy image must make both gather the same parameters, or the run hangs."""
+    shards = write_shards(tmp_path / "shards", n_samples=8, per_shard=8)
+    eve2 = {"preset": "tiny-eve2", "overrides": {"hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}}  # fmt: skip
+    s0 = tiny_run_config(
+        tmp_path,
+        "eve2_stage0",
+        model=eve2,
+        teachers=[],
+        data={"shards": shards},
+        train={"max_steps": 1, "output_dir": str(tmp_path / "s0")},
+    )
+    init = run_stage("eve2_stage0", ["--config", write_yaml(tmp_path / "s0.yaml", s0)])
+    sft_json = write_llava_json(tmp_path / "sft", n_samples=16)
+    tree = tiny_run_config(
+        tmp_path,
+        "sft",
+        model={**eve2, "init_path": str(init)},
+        teachers=[],
+        data={"json": str(sft_json), "image_root": str(tmp_path / "sft"), "window": 1, "packing": True},
+        train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 3},
+    )
+    path = write_yaml(tmp_path / "sft.yaml", tree)
+    reference = reference_run(path, tmp_path / "ref")
+    out = tmp_path / "zero3"
+    launch(torchrun(2), "train/sft.py", zero3_args(path, out))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [r["step"] for r in reference] == [1, 2, 3]
+    for got, want in zip(records, reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-5), got["step"]
+    from eve import EveForCausalLM
+
+    model = EveForCausalLM.from_pretrained(str(out / "export"))
+    assert model.config.modality_split and hasattr(model.model.layers[0], "visual")
