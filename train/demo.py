@@ -6,6 +6,7 @@ exercises exactly the shipped entry points and configs. A finished step (a compl
 its `export.json` marker, or the report) is skipped on a re-run, so an interrupted demo continues
 where it stopped; `--force` deletes each step's output (curated shards, stage checkpoints and
 exports, evaluation) and redoes it. `--no-align` trains without the patch-aligning loss (the ablation in docs/findings.md).
+`--arch eve2` runs EVEv2's four stages (configs/tiny_eve2/) on the same data instead of EVE's three.
 """
 
 from __future__ import annotations
@@ -46,27 +47,56 @@ class Step:
     output: Path
 
 
-def training_step(name: str, script: str, config: str, run: Path, extra: Sequence[str]) -> Step:
-    """A training stage writing into run/name, reading the demo data of run/data."""
+@dataclass(frozen=True)
+class StageRow:
+    """One training stage of a demo pipeline: the step (and run sub-folder) name, its entry script in
+    train/, its config and its data (curated caption shards or the SFT conversations)."""
+
+    name: str
+    script: str
+    config: str
+    data: str  # "shards" | "sft"
+
+
+PIPELINES: dict[str, tuple[StageRow, ...]] = {
+    # EVE v1: the paper's three stages (configs/tiny/).
+    "eve": (
+        StageRow("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", "shards"),
+        StageRow("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", "shards"),
+        StageRow("sft", "sft.py", "configs/tiny/sft.yaml", "sft"),
+    ),
+    # EVEv2: patch embedding alone, + visual layer copies, everything, SFT (configs/tiny_eve2/).
+    "eve2": (
+        StageRow("stage0", "eve2_stage0.py", "configs/tiny_eve2/stage0.yaml", "shards"),
+        StageRow("stage1", "eve2_stage1.py", "configs/tiny_eve2/stage1.yaml", "shards"),
+        StageRow("stage2", "pretrain_stage2.py", "configs/tiny_eve2/stage2.yaml", "shards"),
+        StageRow("sft", "sft.py", "configs/tiny_eve2/sft.yaml", "sft"),
+    ),
+}
+"""The demo's training stages per architecture (`--arch`); each stage starts from the previous export."""
+
+
+def training_step(row: StageRow, previous: str | None, run: Path, extra: Sequence[str]) -> Step:
+    """A training stage writing into run/<row.name>, reading the demo data of run/data and starting
+    from run/<previous>/export (None: the config's own start, e.g. a random LLM)."""
     data = run / "data"
     argv = [
         sys.executable,
-        str(REPO / "train" / script),
+        str(REPO / "train" / row.script),
         "--config",
-        str(REPO / config),
+        str(REPO / row.config),
         "--train.output_dir",
-        str(run / name),
+        str(run / row.name),
         "--train.resume",
         "auto",
     ]
-    if name == "stage1" or name == "stage2":
+    if row.data == "shards":
         argv += ["--data.shards", json.dumps([str(data / "curated" / "shards" / "*.tar")])]
-    if name == "stage2":
-        argv += ["--model.init_path", str(run / "stage1" / "export")]
-    if name == "sft":
+    else:
         argv += ["--data.json", str(data / "sft_easy_vqa.json"), "--data.image_root", str(data)]
-        argv += ["--model.init_path", str(run / "stage2" / "export")]
-    return Step(name, argv + list(extra), run / name / "export" / EXPORT_MARKER, run / name)
+    if previous is not None:
+        argv += ["--model.init_path", str(run / previous / "export")]
+    return Step(row.name, argv + list(extra), run / row.name / "export" / EXPORT_MARKER, run / row.name)
 
 
 def curate_argv(data: Path, overrides: Sequence[str] = ()) -> list[str]:
@@ -93,20 +123,22 @@ def demo_steps(
     eval_args: Sequence[str],
     curate_overrides: Sequence[str] = (),
     train_overrides: Sequence[str] = (),
+    arch: str = "eve",
 ) -> list[Step]:
-    """The five steps of the demo, in order (overrides: `section.key=value` for curation / every
-    stage, passed on as `--section.key=value`, the syntax of both command lines)."""
+    """The steps of the demo, in order: curate, the training stages of PIPELINES[arch], evaluate
+    (overrides: `section.key=value` for curation / every stage, passed on as `--section.key=value`, the
+    syntax of both command lines)."""
     data = run / "data"
     curate = curate_argv(data, curate_overrides)
     stage_args = [] if align else ["--teachers", "[]"]
     stage_args += [f"--{kv}" for kv in train_overrides]
-    evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / "sft" / "export")]
+    rows = PIPELINES[arch]
+    evaluate = [sys.executable, "-m", "eve.eval", "--model", str(run / rows[-1].name / "export")]
     evaluate += ["--benchmark", "easy_vqa", "--out", str(run / "eval"), *eval_args]
+    previous = [None] + [row.name for row in rows[:-1]]
     return [
         Step("curate", curate, data / "curated" / "shards" / "manifest.jsonl", data / "curated"),
-        training_step("stage1", "pretrain_stage1.py", "configs/tiny/stage1.yaml", run, stage_args),
-        training_step("stage2", "pretrain_stage2.py", "configs/tiny/stage2.yaml", run, stage_args),
-        training_step("sft", "sft.py", "configs/tiny/sft.yaml", run, stage_args),
+        *(training_step(row, prev, run, stage_args) for row, prev in zip(rows, previous)),
         Step("eval", evaluate, run / "eval" / "easy_vqa.json", run / "eval"),
     ]
 
@@ -130,15 +162,14 @@ def run_step(step: Step, log_dir: Path) -> float:
     return time.time() - t0
 
 
-def plot_losses(run: Path, out: Path) -> None:
-    """One PNG with the loss curves (CE and aligning) of the three training stages side by side."""
+def plot_losses(run: Path, out: Path, stages: Sequence[str]) -> None:
+    """One PNG with the loss curves (CE and aligning) of the training stages side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = ["stage1", "stage2", "sft"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4))
     for ax, stage in zip(axes, stages):
         path = run / stage / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -214,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo", help="where everything is written")
+    parser.add_argument(
+        "--arch", default="eve", choices=sorted(PIPELINES), help="EVE v1's three stages or EVEv2's four"
+    )
     parser.add_argument("--no-align", action="store_true", help="train without the patch-aligning loss")
     parser.add_argument("--force", action="store_true", help="delete the steps' outputs and redo them")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
@@ -259,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_args,
         seeded[0] + args.curate_override,
         seeded[1] + args.train_override,
+        args.arch,
     )
     for step in steps:
         if step.done_marker.exists() and not args.force:
@@ -271,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         timings_file.write_text(json.dumps(timings, indent=1))
     timings["total"] = round(sum(timings.get(s.name, 0.0) for s in steps), 1)
 
-    plot_losses(run, run / "loss_curves.png")
+    plot_losses(run, run / "loss_curves.png", [row.name for row in PIPELINES[args.arch]])
     result = json.loads((run / "eval" / "easy_vqa.json").read_text())
     summary = {
         "seed": args.seed or 0,
@@ -280,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         "easy_vqa": result,
         "chat_check": chat_check(run),
         "align": not args.no_align,
+        "arch": args.arch,
     }
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + show_answers(run))

@@ -69,3 +69,27 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     for stage in ("stage1", "stage2", "sft"):
         rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1]
+
+
+@pytest.mark.parametrize(
+    "arch, chain",
+    [
+        ("eve", [("stage1", "pretrain_stage1.py", None), ("stage2", "pretrain_stage2.py", "stage1"),
+                 ("sft", "sft.py", "stage2")]),
+        ("eve2", [("stage0", "eve2_stage0.py", None), ("stage1", "eve2_stage1.py", "stage0"),
+                  ("stage2", "pretrain_stage2.py", "stage1"), ("sft", "sft.py", "stage2")]),
+    ],
+)  # fmt: skip
+def test_demo_pipelines_chain_each_stage_to_the_previous_export(tmp_path, arch, chain):
+    from train.demo import demo_steps
+
+    steps = demo_steps(tmp_path, True, [], arch=arch)
+    assert [s.name for s in steps] == ["curate", *(name for name, _, _ in chain), "eval"]
+    for step, (name, script, previous) in zip(steps[1:], chain):
+        argv = step.argv
+        assert argv[1].endswith(f"train/{script}")
+        init = argv[argv.index("--model.init_path") + 1] if "--model.init_path" in argv else None
+        assert init == (None if previous is None else str(tmp_path / previous / "export"))
+        reads_sft = "--data.json" in argv
+        assert reads_sft == (name == "sft") and ("--data.shards" in argv) != reads_sft
+    assert steps[-1].argv[steps[-1].argv.index("--model") + 1] == str(tmp_path / "sft" / "export")

@@ -111,13 +111,32 @@ def test_eve2_7b_configs_have_the_official_numbers():
         model = EveConfig.from_preset(config.model.preset, **config.model.overrides)
         assert (model.backbone, model.vision_frontend, model.max_image_size) == ("qwen2", "pel2", px), name
         # Each stage starts from the one before (stage 0 from the Qwen2.5 LLM).
-        assert config.model.init_path == (None if previous is None else f"runs/eve2_7b/{previous}/export"), name
+        assert config.model.init_path == (None if previous is None else f"runs/eve2_7b/{previous}/export"), (
+            name
+        )
         assert config.train.output_dir == f"runs/eve2_7b/{name}", name
         previous = name
         trained[name] = set(STAGES[config.stage.name].trainable)
     assert trained["stage0"] == {"vision", "projector"}
     assert trained["stage1"] == trained["stage1_hd"] == {"vision", "projector", "visual"}
     assert {"llm", "visual", "vision"} <= trained["stage2"] == trained["sft"]
+
+
+def test_tiny_eve2_configs_mirror_the_tiny_ones():
+    """configs/tiny_eve2/ keep EVE's tiny data, batch, LR and epochs per stage, without teachers; each
+    stage starts from the previous one's export."""
+    pairs = {"stage0": "stage1", "stage1": "stage1", "stage2": "stage2", "sft": "sft"}
+    previous = None
+    for name, v1_name in pairs.items():
+        eve2, v1 = (
+            load_config(CONFIGS / f"tiny_eve2/{name}.yaml"),
+            load_config(CONFIGS / f"tiny/{v1_name}.yaml"),
+        )
+        assert eve2.model.preset == "tiny-eve2" and eve2.teachers == [], name
+        assert (eve2.optim, eve2.data, eve2.train.epochs) == (v1.optim, v1.data, v1.train.epochs), name
+        assert eve2.model.init_path == (None if previous is None else f"runs/demo_eve2/{previous}/export")
+        assert eve2.stage.name == {"stage0": "eve2_stage0", "stage1": "eve2_stage1"}.get(name, name)
+        previous = name
 
 
 def test_hd_sft_raises_the_image_size():
