@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eve.console import setup_logging
+from train.compare_configs import run_compare_config
 from train.demo import REPO, Step, curate_argv, run_step
 from train.rundir import EXPORT_MARKER
 
@@ -292,7 +293,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-limit", type=int, default=Schedule.eval_limit)
     parser.add_argument("--data", default=None, help="curated demo data folder (default: runs/demo/data)")
     parser.add_argument("--curate-override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a compare YAML (e.g. configs/compare/7b.yaml): its variants' stage configs, data and "
+        "benchmarks instead of the embedded tiny comparison (train/compare_configs.py)",
+    )
     args = parser.parse_args(argv)
+    if args.config:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()] if args.variants else None
+        return run_compare_config(args.config, names, args.force)
     names = list(QUICK) if args.quick else list(VARIANTS)
     if args.variants:
         names = [n.strip() for n in args.variants.split(",") if n.strip()]
