@@ -22,6 +22,10 @@ $(STAMP): setup.py requirements/pins.txt requirements/assets.txt
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -c requirements/pins.txt -e ".[train,curate,dev]"
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
+	# The lmms-eval adapter's tests import only lmms-eval's API modules: the package without its long
+	# list of task dependencies (`pip install -e ".[eval]"` installs them all for real evaluations).
+	$(PY) -m pip install -q -c requirements/pins.txt --no-deps lmms-eval
+	$(PY) -m pip install -q -c requirements/pins.txt loguru pytz evaluate datasets
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -21,6 +21,8 @@ EXTRAS = {
         "tqdm>=4.60",
     ],
     "gpu": ["flash-attn>=2.5", "faiss-gpu>=1.7"],
+    # lmms-eval harness (eve/integrations/lmms.py); 0.7.3 imports filelock._api, which filelock 4 removed.
+    "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
     "dev": ["pytest>=8", "ruff>=0.5", "scikit-image>=0.22", "gguf>=0.10"],
 }
 
@@ -40,4 +42,6 @@ setup(
         "numpy>=1.24",
     ],
     extras_require=EXTRAS,
+    # `lmms-eval --model eve` finds the EVE adapter through this entry-point group (lmms-eval >= 0.7).
+    entry_points={"lmms_eval.models": ["eve = eve.integrations.lmms:manifest"]},
 )
