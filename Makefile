@@ -68,3 +68,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# one self-contained HTML page about a run directory (make demo writes it too): RUN=runs/demo
+.PHONY: report
+report: $(STAMP)
+	$(PY) -m train.report --run-dir $(RUN) $(ARGS)

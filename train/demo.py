@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     print_summary(summary)
     print(f"\neasy-vqa test accuracy: {100 * result['accuracy']:.1f}% on {result['n']} questions")
     print(f"loss curves: {run / 'loss_curves.png'}; summary: {run / 'demo_summary.json'}")
+    from train.report import write_report  # imported here: train.report reads this module's PIPELINES
+
+    print(f"report: {write_report(run)}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     assert summary["easy_vqa"]["n"] == 12 and summary["align"] is True
     with Image.open(run / "loss_curves.png") as img:
         assert img.size[0] > img.size[1] > 100
+    assert 'id="evaluation"' in (run / "report.html").read_text()  # the report, written last
     # A second run finds every step done and redoes nothing.
     before = (run / "sft" / "metrics.jsonl").stat().st_mtime_ns
     main(["--run-dir", str(run), "--eval-limit", "12"])
