@@ -11,12 +11,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install test test-slow test-all lint curate pretrain-stage1 pretrain-stage2 sft eval demo compare bench clean
+.PHONY: install browser test test-slow test-all lint curate pretrain-stage1 pretrain-stage2 sft eval demo compare bench clean
 
 install: $(STAMP)
 
 # The pinned torch pair goes first: an unpinned torch would pull other versions from the network.
-$(STAMP): setup.py requirements/pins.txt requirements/assets.txt
+$(STAMP): setup.py requirements/pins.txt requirements/assets.txt requirements/serve.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -26,12 +26,21 @@ $(STAMP): setup.py requirements/pins.txt requirements/assets.txt
 	# list of task dependencies (`pip install -e ".[eval]"` installs them all for real evaluations).
 	$(PY) -m pip install -q -c requirements/pins.txt --no-deps lmms-eval
 	$(PY) -m pip install -q -c requirements/pins.txt loguru pytz evaluate datasets
+	# The web chat (extra `serve`): gradio caps pillow below the pinned 13, so its other requirements
+	# first, then gradio itself without them (requirements/serve.txt says why that is safe).
+	$(PY) -m pip install -q -c requirements/pins.txt -r requirements/serve.txt
+	$(PY) -m pip install -q -c requirements/pins.txt --no-deps gradio
 	touch $(STAMP)
+
+# Debian's chromium and its driver, for the web chat's browser test (tests/eve/test_serve.py); needs root.
+browser:
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q $(ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -m slow -q $(ARGS)
 
 test-all: $(STAMP)

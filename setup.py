@@ -23,7 +23,11 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.5", "faiss-gpu>=1.7"],
     # lmms-eval harness (eve/integrations/lmms.py); 0.7.3 imports filelock._api, which filelock 4 removed.
     "eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
-    "dev": ["pytest>=8", "ruff>=0.5", "scikit-image>=0.22", "gguf>=0.10"],
+    # Web chat (eve/serve.py). gradio caps pillow below 13: with requirements/pins.txt (pillow 13) this
+    # extra does not resolve, so `make install` installs gradio through requirements/serve.txt instead.
+    "serve": ["gradio>=6.0,<7"],
+    # selenium drives the web chat in a real browser (tests/eve/test_serve.py, `make browser`)
+    "dev": ["pytest>=8", "ruff>=0.5", "scikit-image>=0.22", "gguf>=0.10", "selenium>=4.30"],
 }
 
 setup(

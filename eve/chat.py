@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 import torch
@@ -70,8 +71,8 @@ class ChatSession:
             self.turns + [{"from": HUMAN, "value": self._user_value(message)}], self.template
         )
 
-    def ask(self, message: str) -> str:
-        """The model's answer to `message`; both are appended to the history."""
+    def _answer(self, message: str, **generate_kwargs) -> str:
+        """The model's answer to `message` after the history (the history is left as it is)."""
         [answer] = generate(
             self.model,
             self.processor,
@@ -80,9 +81,51 @@ class ChatSession:
             self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            **generate_kwargs,
         )
-        self.turns += [{"from": HUMAN, "value": self._user_value(message)}, {"from": GPT, "value": answer}]
         return answer
+
+    def _remember(self, message: str, answer: str) -> None:
+        """Append one exchange to the history."""
+        self.turns += [{"from": HUMAN, "value": self._user_value(message)}, {"from": GPT, "value": answer}]
+
+    def ask(self, message: str) -> str:
+        """The model's answer to `message`; both are appended to the history."""
+        answer = self._answer(message)
+        self._remember(message, answer)
+        return answer
+
+    def ask_streaming(self, message: str) -> Iterator[str]:
+        """The answer to `message` as it grows, a few tokens at a time; the last value is `ask`'s answer.
+
+        `generate` runs in a thread and feeds a TextIteratorStreamer, which releases text at word
+        boundaries. The partial texts are for display: the last value is the whole answer decoded at
+        once (as `ask` returns it), and only that one joins the history.
+        """
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict[str, str | BaseException] = {}
+
+        def run() -> None:
+            try:
+                result["answer"] = self._answer(message, streamer=streamer)
+            except BaseException as e:  # re-raised below; end() so that the loop below stops
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="eve-chat-generate", daemon=True)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            if piece.strip():  # the streamer also releases empty pieces (tokens not yet a whole word)
+                yield text.strip()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        self._remember(message, result["answer"])
+        yield result["answer"]
 
 
 def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
@@ -123,14 +166,9 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
         stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m eve.chat` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="python -m eve.chat", description="Chat with an exported EVE checkpoint."
-    )
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model and generation options shared by `eve.chat` and `eve.serve`."""
     p.add_argument("--model", required=True, help="exported checkpoint directory")
-    p.add_argument("--image", default=None, help="image to talk about")
-    p.add_argument("--prompt", default=None, help="ask once, print the answer and exit (else interactive)")
     p.add_argument("--template", default=None, help="chat template (default: the processor's, vicuna_v1)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -138,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=DTYPES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m eve.chat` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m eve.chat", description="Chat with an exported EVE checkpoint."
+    )
+    add_model_args(p)
+    p.add_argument("--image", default=None, help="image to talk about")
+    p.add_argument("--prompt", default=None, help="ask once, print the answer and exit (else interactive)")
     return p
 
 
