@@ -18,6 +18,7 @@ from .common import (
     check_kept,
     decode_image,
     get_rank,
+    my_shards,
     read_jsonl,
     record_timing,
     wait_for_files,
@@ -37,7 +38,6 @@ CAPTION_DROP_REASONS = (
 )
 
 logger = logging.getLogger(__name__)
-PART_SIZE = 10000  # selected rows per captions part file (the unit of resuming re-captioning)
 
 _WORD = re.compile(r"[\w']+")
 # A finished sentence ends in . ! ? (or an ellipsis-free closing quote / bracket after one).
@@ -164,7 +164,7 @@ def clip_similarity(records: list[Record], captions: list[str], cfg: CaptionConf
 
 
 def part_path(out: Path, i: int) -> Path:
-    """Caption results of selected rows [i * PART_SIZE, (i + 1) * PART_SIZE)."""
+    """Caption results of selected rows [i * captions.part_size, (i + 1) * captions.part_size)."""
     return out / "captions" / f"part-{i:05d}.jsonl"
 
 
@@ -192,45 +192,55 @@ def load_captions(cfg: CurationConfig) -> list[dict]:
     return [row for i in range(n) for row in read_jsonl(part_path(cfg.out, i))]
 
 
+def caption_part(rows: list[dict], recs: list[Record], cfg: CaptionConfig) -> list[dict]:
+    """Caption one part's selected rows and give each a status (`ok` or a drop reason)."""
+    if cfg.mode == "eve":
+        caps, source = recaption_eve(recs, cfg), "eve"
+    else:
+        caps, source = [r.caption for r in recs], "source"
+    for row, cap in zip(rows, caps):
+        row["caption"], row["caption_source"] = cap, source
+        row["status"] = caption_problem(cap, cfg) or "ok"
+    if cfg.clip_model:
+        live = [j for j, row in enumerate(rows) if row["status"] == "ok"]
+        sims = clip_similarity([recs[j] for j in live], [rows[j]["caption"] for j in live], cfg)
+        for j, s in zip(live, sims):
+            rows[j]["clip_similarity"] = None if np.isnan(s) else float(s)
+            if np.isnan(s):
+                rows[j]["status"] = "caption_image_error"
+            elif s < cfg.clip_min_similarity:
+                rows[j]["status"] = "caption_low_similarity"
+    return rows
+
+
 def run(cfg: CurationConfig) -> None:
-    """Caption and filter the selected images (rank 0), part by part (finished parts are kept)."""
+    """Caption and filter the selected images, part by part: part p on rank p % world size (finished
+    parts are kept); rank 0 waits for every part and marks the step done."""
     done = cfg.out / "captions" / "_SUCCESS.json"
-    if get_rank()[0] != 0 or done.exists():
+    if done.exists():
         return
     if cfg.captions.mode not in ("source", "eve"):
         raise ValueError(f"captions.mode {cfg.captions.mode!r} is not one of source, eve")
     t0 = time.time()
     sel, by_key = load_selected_records(cfg)
-    n_parts = (len(sel) + PART_SIZE - 1) // PART_SIZE
+    size = cfg.captions.part_size
+    n_parts = (len(sel) + size - 1) // size
     counts: Counter = Counter()
-    for p in range(n_parts):
+    for p in my_shards(n_parts):
         if part_path(cfg.out, p).exists():
             continue
-        rows = sel[p * PART_SIZE : (p + 1) * PART_SIZE]
-        recs = [by_key[r["key"]] for r in rows]
-        if cfg.captions.mode == "eve":
-            caps = recaption_eve(recs, cfg.captions)
-            source = "eve"
-        else:
-            caps = [r.caption for r in recs]
-            source = "source"
-        for row, cap in zip(rows, caps):
-            row["caption"], row["caption_source"] = cap, source
-            row["status"] = caption_problem(cap, cfg.captions) or "ok"
-        if cfg.captions.clip_model:
-            live = [j for j, row in enumerate(rows) if row["status"] == "ok"]
-            sims = clip_similarity([recs[j] for j in live], [rows[j]["caption"] for j in live], cfg.captions)
-            for j, s in zip(live, sims):
-                rows[j]["clip_similarity"] = None if np.isnan(s) else float(s)
-                if np.isnan(s):
-                    rows[j]["status"] = "caption_image_error"
-                elif s < cfg.captions.clip_min_similarity:
-                    rows[j]["status"] = "caption_low_similarity"
+        rows = sel[p * size : (p + 1) * size]
+        rows = caption_part(rows, [by_key[r["key"]] for r in rows], cfg.captions)
         counts.update(r["status"] for r in rows)
         write_jsonl_atomic(part_path(cfg.out, p), rows)
+    record_timing(cfg.out, "captions", time.time() - t0, images=counts.total())
+    if get_rank()[0] != 0:
+        return
+    parts = [part_path(cfg.out, p) for p in range(n_parts)]
+    wait_for_files(parts, cfg.barrier_timeout_s, "the captions step of every rank")
     # Parts finished before an interruption count too; no _SUCCESS when nothing is kept, so a re-run
     # (after deleting captions/ with other caption settings) is not taken as done.
-    status = Counter(r["status"] for p in range(n_parts) for r in read_jsonl(part_path(cfg.out, p)))
+    status = Counter(r["status"] for p in parts for r in read_jsonl(p))
     check_kept(
         "captions",
         status["ok"],
@@ -240,8 +250,7 @@ def run(cfg: CurationConfig) -> None:
         f"filter settings, then delete {cfg.out / 'captions'} and re-run",
     )
     write_json_atomic(done, {"parts": n_parts, "selected": len(sel)})
-    logger.info("captions: %d selected, %s", len(sel), dict(counts))
-    record_timing(cfg.out, "captions", time.time() - t0, images=len(sel))
+    logger.info("captions: %d selected, %s", len(sel), dict(status))
 
 
 def main(argv: list[str] | None = None) -> None:

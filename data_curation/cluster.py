@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import numpy as np
 
-from .common import check_kept, get_rank, record_timing, save_npy_atomic, write_json_atomic
+from .common import get_rank, record_timing, save_npy_atomic, write_json_atomic
 from .config import CurationConfig, step_main
-from .embed import feature_paths, load_features
+from .embed import load_features
 from .sources import load_scan
 
 logger = logging.getLogger(__name__)
@@ -101,17 +100,6 @@ def run(cfg: CurationConfig) -> None:
     t0 = time.time()
     n_shards = len(load_scan(cfg))
     keys, x = load_features(cfg, n_shards)
-    if len(x) == 0:  # the embed step refuses an empty filter output, so the embedding failed
-        errors = sum(
-            len(json.loads(feature_paths(cfg.out, i)[0].read_text())["embed_errors"]) for i in range(n_shards)
-        )
-        check_kept(
-            "embed",
-            0,
-            f"{errors} passed the filter",
-            {"embed_error": errors},
-            "see the embed warnings above (files that decode in the filter but not in the embed step)",
-        )
     k = min(cfg.cluster.k, len(x))
     if k < cfg.cluster.k:
         logger.warning("cluster: only %d images for k=%d clusters; using k=%d", len(x), cfg.cluster.k, k)

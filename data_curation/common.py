@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -176,23 +177,49 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     return img.convert("RGB"), True
 
 
-def decode_image(
-    data: bytes, where: str, draft_size: int | None = None
-) -> tuple[Image.Image, str, str, bool]:
-    """Fully decode image bytes to RGB: (image, format, original mode, converted). Raises ImageDecodeError."""
+class Decoded(NamedTuple):
+    """A decoded image and what its file says about it."""
+
+    image: Image.Image
+    """RGB, EXIF orientation applied; DCT-scaled (smaller) when decoded with a draft size."""
+    format: str
+    """PIL format name (JPEG, PNG, ...)."""
+    mode: str
+    """The file's own PIL mode, before the RGB conversion."""
+    converted: bool
+    """Whether the mode was converted to RGB."""
+    size: tuple[int, int]
+    """(width, height) at full resolution, EXIF orientation applied, whatever the draft size."""
+
+
+def decode_image(data: bytes, where: str, draft_size: int | None = None) -> Decoded:
+    """Fully decode image bytes to RGB (JPEG DCT-scaled towards `draft_size`). Raises ImageDecodeError."""
     try:
         img = Image.open(io.BytesIO(data))
         fmt, mode = img.format or "UNKNOWN", img.mode
+        w, h = img.size  # the header's full resolution, before any DCT scaling
         if draft_size and fmt == "JPEG":
             img.draft("RGB", (draft_size, draft_size))  # JPEG DCT scaling: decode large files faster
         img.load()
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+            w, h = h, w
         img = ImageOps.exif_transpose(img)
         rgb, converted = to_rgb(img)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ImageDecodeError(
             f"{where}: cannot decode image ({type(e).__name__}: {e}); the file is skipped"
         ) from e
-    return rgb, fmt, mode, converted
+    return Decoded(rgb, fmt, mode, converted, (w, h))
+
+
+def square_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the short side to `size` (bicubic) and centre-crop: the embed models' input, uint8 (3, size, size)."""
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size))).transpose(2, 0, 1).copy()
 
 
 def check_meta(path: Path, meta: dict, what: str, fix: str) -> None:

@@ -56,7 +56,8 @@ class FilterConfig:
     dedup: bool = True
     """Drop exact duplicates (same file bytes, SHA-1); the first occurrence in scan order is kept."""
     num_workers: int = 4
-    """Processes decoding images (0 = in the main process)."""
+    """Loader processes reading and decoding images (0 = in the main process); each image is decoded
+    once, here, for the checks and the embed model's input."""
 
 
 @dataclass
@@ -76,7 +77,9 @@ class EmbedConfig:
     """Images per forward pass. Batches never cross input shards (so features do not depend on the
     number of ranks or on resuming)."""
     num_workers: int = 4
-    """DataLoader worker processes decoding images (0 = in the main process)."""
+    """DataLoader worker processes decoding images for this embedder (0 = in the main process); used
+    by `blind_pairs.embed` only: the embed step's images are decoded by the filter step
+    (`filter.num_workers`)."""
     precision: str = "auto"
     """`auto` (fp16 autocast on GPU, bf16 autocast on CPU), `fp32`, `bf16` or `fp16`."""
     device: str = "auto"
@@ -137,6 +140,9 @@ class CaptionConfig:
     """Local weights file of `clip_model`."""
     clip_min_similarity: float = 0.28
     """Captions whose image-text cosine similarity is below this are dropped."""
+    part_size: int = 10000
+    """Selected rows per captions part file: the unit of resuming and of the rank split (part p is
+    captioned by rank p % world size)."""
 
 
 @dataclass

@@ -1,21 +1,24 @@
-"""Step 3, embed: L2-normalised image features per input shard, cached as `embed/shard-00000.npy`."""
+"""Step 3, embed: L2-normalised image features per input shard, cached as `embed/shard-00000.npy`.
+
+The features were computed by the filter step from its one decode of each image
+(`filter/features-00000.npy`, every image that passed the checks); this step keeps the rows of the
+images that are not exact duplicates, once every rank has filtered. It also holds the feature
+extractors and their input preprocessing, used by the filter, blind_pairs and captions steps.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import signal
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from eve.configuration_eve import IMAGENET_MEAN, IMAGENET_STD
 from eve.encoders import load_timm_weights
@@ -24,23 +27,19 @@ from .common import (
     ImageDecodeError,
     Record,
     check_kept,
-    check_meta,
     decode_image,
-    get_rank,
     my_shards,
     record_timing,
     save_npy_atomic,
+    square_crop,
     wait_for_files,
     write_json_atomic,
 )
 from .config import CurationConfig, EmbedConfig, step_main
-from .filter import load_filter
+from .filter import load_filter, passed_features_path
 from .sources import load_scan
 
 logger = logging.getLogger(__name__)
-
-# Test hook: SIGKILL this process after this many shards are cached (a real, unclean interruption).
-KILL_AFTER_ENV = "EVE_CURATION_KILL_AFTER_SHARDS"
 
 
 def resolve_weights(spec: str | None) -> str | None:
@@ -134,15 +133,8 @@ def build_extractor(ecfg: EmbedConfig, device: torch.device) -> tuple[FeatureExt
 
 
 def load_square(data: bytes, where: str, size: int) -> torch.Tensor:
-    """Decode, resize the short side to `size` (bicubic) and centre-crop: uint8 (3, size, size)."""
-    img, _, _, _ = decode_image(data, where, draft_size=size)
-    w, h = img.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)))  # (S, S, 3) uint8
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    """Decode (JPEG DCT-scaled towards `size`), resize the short side to `size` and centre-crop: uint8 (3, size, size)."""
+    return torch.from_numpy(square_crop(decode_image(data, where, draft_size=size).image, size))
 
 
 class ImageDataset(Dataset):
@@ -185,15 +177,8 @@ def load_features(cfg: CurationConfig, n_shards: int) -> tuple[list[str], np.nda
     return keys, np.concatenate(feats, 0)
 
 
-def _check_meta(cfg: CurationConfig) -> None:
-    """Refuse to mix features of different extractors in one output folder."""
-    meta = {k: getattr(cfg.embed, k) for k in ("backend", "model", "weights", "image_size")}
-    fix = "use a new out_dir or delete the embed/ folder (and later steps)"
-    check_meta(cfg.out / "embed" / "meta.json", meta, "cached features", fix)
-
-
 def run(cfg: CurationConfig) -> None:
-    """Embed this rank's input shards that have no cached features yet."""
+    """Cache the features of this rank's input shards without exact duplicates (shards done are skipped)."""
     t0 = time.time()
     shards = load_scan(cfg)
     filt = load_filter(cfg, len(shards))
@@ -205,75 +190,18 @@ def run(cfg: CurationConfig) -> None:
         status,
         f"lower filter.min_side (now {cfg.filter.min_side}) or check the sources and the warnings above",
     )
-    _check_meta(cfg)
     todo = [i for i in my_shards(len(shards)) if not feature_paths(cfg.out, i)[1].exists()]
-    if not todo:
-        record_timing(cfg.out, "embed", time.time() - t0, images=0)
-        return
-    ok = {i: {r["key"] for r in filt[i] if r["status"] == "ok"} for i in todo}
-    records, batches, owner = [], [], []
-    bs = cfg.embed.batch_size
+    n = 0
     for i in todo:
-        recs = [r for r in shards[i] if r.key in ok[i]]
-        start = len(records)
-        records += recs
-        # Batches never cross input shards: a shard's features do not depend on its neighbours.
-        batches += [list(range(start + j, start + min(j + bs, len(recs)))) for j in range(0, len(recs), bs)]
-        owner.append((i, start, start + len(recs)))
-    device = pick_device(cfg.embed.device)
-    ext, size = build_extractor(cfg.embed, device)
-    dim = int(ext(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device)).shape[-1])
-    loader = DataLoader(
-        ImageDataset(records, size),
-        batch_sampler=batches,
-        num_workers=cfg.embed.num_workers,
-        worker_init_fn=_worker_init,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    feats = np.zeros((len(records), dim), np.float16)  # fp16 on disk: halves the cache, ample for K-means
-    valid = np.zeros(len(records), bool)
-    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
-    done, next_owner = 0, 0
-    pos = 0
-    bar = tqdm(total=len(records), desc=f"embed r{get_rank()[0]}", unit="img")
-
-    def flush_ready(upto: int) -> None:
-        nonlocal next_owner, done
-        while next_owner < len(owner) and owner[next_owner][2] <= upto:
-            i, a, b = owner[next_owner]
-            keep = np.flatnonzero(valid[a:b]) + a
-            kp, fp = feature_paths(cfg.out, i)
-            errors = [records[j].key for j in range(a, b) if not valid[j]]
-            write_json_atomic(
-                kp, {"keys": [records[j].key for j in keep], "embed_errors": errors, "dim": dim}
-            )
-            save_npy_atomic(fp, feats[keep])
-            next_owner += 1
-            done += 1
-            if kill_after and done >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    flush_ready(0)  # shards with no image left after filtering
-    for images, oks in loader:
-        n = images.shape[0]
-        feats[pos : pos + n] = ext(images.to(device, non_blocking=True)).cpu().numpy()
-        valid[pos : pos + n] = oks.numpy()
-        pos += n
-        bar.update(n)
-        flush_ready(pos)
-    bar.close()
-    flush_ready(pos)
-    dt = time.time() - t0
-    logger.info(
-        "embed: %d images in %d shards, %.1f s (%.0f img/s), dim %d",
-        len(records),
-        len(todo),
-        dt,
-        len(records) / max(dt, 1e-9),
-        dim,
-    )
-    record_timing(cfg.out, "embed", dt, images=len(records))
+        # One feature row per image that passed the filter's checks: the rows now "ok" or "duplicate".
+        passed = [r for r in filt[i] if r["status"] in ("ok", "duplicate")]
+        feats = np.load(passed_features_path(cfg.out, i))  # (len(passed), D) fp16
+        keep = [j for j, r in enumerate(passed) if r["status"] == "ok"]
+        kp, fp = feature_paths(cfg.out, i)
+        write_json_atomic(kp, {"keys": [passed[j]["key"] for j in keep], "dim": int(feats.shape[1])})
+        save_npy_atomic(fp, feats[keep])
+        n += len(keep)
+    record_timing(cfg.out, "embed", time.time() - t0, images=n)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ from eve.config_loader import config_to_dict
 from .captions import CAPTION_DROP_REASONS, load_captions
 from .common import decode_image, get_rank, read_jsonl, record_timing, write_json_atomic
 from .config import CurationConfig, step_main
-from .embed import feature_paths
 from .filter import DROP_REASONS, load_filter
 from .selection import load_cluster
 from .sources import load_scan
@@ -28,9 +27,6 @@ def gather_counts(cfg: CurationConfig) -> dict:
     shards = load_scan(cfg)
     filt = [r for rows in load_filter(cfg, len(shards)) for r in rows]
     status = Counter(r["status"] for r in filt)
-    embed_errors = sum(
-        len(json.loads(feature_paths(cfg.out, i)[0].read_text())["embed_errors"]) for i in range(len(shards))
-    )
     labels, _, _ = load_cluster(cfg)
     caps = load_captions(cfg)
     cap_status = Counter(r["status"] for r in caps)
@@ -38,7 +34,6 @@ def gather_counts(cfg: CurationConfig) -> dict:
     counts = {"scanned": len(filt)}
     counts.update({f"dropped_{k}": status.get(k, 0) for k in DROP_REASONS})
     counts["converted_mode"] = sum(1 for r in filt if r["status"] == "ok" and r.get("converted"))
-    counts["dropped_embed_error"] = embed_errors
     counts["clustered"] = len(labels)
     counts["dropped_not_selected"] = len(labels) - len(caps)
     counts["selected"] = len(caps)

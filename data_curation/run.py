@@ -1,10 +1,12 @@
 """Run the whole curation pipeline: `python -m data_curation.run --config configs/curation/embedded.yaml`.
 
 Every step skips work already on disk, so re-running after an interruption continues where it
-stopped and gives the same output. Under `torchrun` (RANK / WORLD_SIZE set) every rank filters and
-embeds its own input shards; rank 0 waits for the others' files, then clusters, selects, captions,
-shards and reports, and the other ranks exit. The optional blind_pairs step (CLIP-blind pair mining)
-runs after embed when `blind_pairs.enabled` is set; every rank mines its own shards.
+stopped and gives the same output. Under `torchrun` (RANK / WORLD_SIZE set) every rank filters
+(decoding each image once and embedding it) and keeps the features of its own input shards; rank 0
+waits for the others' files, then clusters and selects; every rank captions its caption parts and
+writes its output tars; rank 0 waits for them, then writes the manifest and the report. The optional
+blind_pairs step (CLIP-blind pair mining) runs after embed when `blind_pairs.enabled` is set; every
+rank mines its own shards.
 """
 
 from __future__ import annotations

@@ -15,13 +15,25 @@ import numpy as np
 from tqdm import tqdm
 
 from .captions import load_captions
-from .common import Record, atomic_path, check_kept, decode_image, get_rank, record_timing, write_jsonl_atomic
+from .common import (
+    Record,
+    atomic_path,
+    check_kept,
+    decode_image,
+    get_rank,
+    my_shards,
+    record_timing,
+    wait_for_files,
+    write_jsonl_atomic,
+)
 from .config import CurationConfig, step_main
 from .filter import load_filter
 from .sources import load_scan
 
 logger = logging.getLogger(__name__)
 
+# A sample's .json metadata: these fields of its manifest entry.
+META_KEYS = ("source", "source_key", "cluster", "distance", "width", "height", "caption_source")
 # Formats whose bytes go into the shards unchanged (when already RGB or greyscale); others become PNG.
 PASSTHROUGH = {"JPEG": "jpg", "PNG": "png"}
 
@@ -53,7 +65,7 @@ def image_payload(rec: Record, filt: dict) -> bytes:
     data = rec.read_bytes()
     if filt["format"] in PASSTHROUGH and filt["mode"] in ("RGB", "L"):
         return data
-    img, _, _, _ = decode_image(data, rec.where())
+    img = decode_image(data, rec.where()).image
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -70,10 +82,11 @@ def write_shard(path: Path, samples: Iterable[tuple[str, bytes, str, str, dict]]
 
 
 def run(cfg: CurationConfig) -> None:
-    """Write the kept samples into shards (rank 0); finished tars are kept, the manifest is written last."""
+    """Write the kept samples into shards: output shard s on rank s % world size (finished tars are
+    kept); rank 0 waits for every tar and writes the manifest last."""
     out = cfg.out / "shards"
     manifest = out / "manifest.jsonl"
-    if get_rank()[0] != 0 or manifest.exists():
+    if manifest.exists():
         return
     t0 = time.time()
     shards = load_scan(cfg)
@@ -83,29 +96,36 @@ def run(cfg: CurationConfig) -> None:
     rows = [r for r in captioned if r["status"] == "ok"]
     status = Counter(r["status"] for r in captioned)
     check_kept("captions", len(rows), f"{len(captioned)} selected", status, "see the captions step's log")
-    if cfg.shard.shuffle:
+    if cfg.shard.shuffle:  # every rank draws the same order: the samples' places do not depend on ranks
         rows = [rows[i] for i in np.random.default_rng(cfg.seed).permutation(len(rows))]
     per = cfg.shard.samples_per_shard
-    entries = []
-    for s in tqdm(range(0, len(rows), per), desc="shards", disable=len(rows) <= per):
-        name = f"shard-{s // per:06d}.tar"
-        todo = []
-        for j, row in enumerate(rows[s : s + per], start=s):
-            rec, f = by_key[row["key"]], filt[row["key"]]
-            key = f"{j:09d}"
-            meta = {
-                "source": rec.source, "source_key": rec.key, "cluster": row["cluster"], "distance": round(row["distance"], 6),
-                "width": f["width"], "height": f["height"], "caption_source": row["caption_source"],
-            }  # fmt: skip
-            ext = payload_ext(f)
-            entries.append({"key": key, "shard": name, "ext": ext, "caption": row["caption"], **meta})
-            if not (out / name).exists():  # a tar written before an interruption has the same bytes
-                todo.append((key, rec, f, ext, row["caption"], meta))
-        if todo:  # images are read while the tar is written, not held in memory
-            write_shard(out / name, ((k, image_payload(r, f), e, c, m) for k, r, f, e, c, m in todo))
+    n_out = (len(rows) + per - 1) // per
+    names = [f"shard-{s:06d}.tar" for s in range(n_out)]
+    entries, written = [], 0
+    for j, row in enumerate(rows):  # sample j goes into output shard j // per
+        rec, f = by_key[row["key"]], filt[row["key"]]
+        entries.append({
+            "key": f"{j:09d}", "shard": names[j // per], "ext": payload_ext(f), "caption": row["caption"],
+            "source": rec.source, "source_key": rec.key, "cluster": row["cluster"], "distance": round(row["distance"], 6),
+            "width": f["width"], "height": f["height"], "caption_source": row["caption_source"],
+        })  # fmt: skip
+    mine = [s for s in my_shards(n_out) if not (out / names[s]).exists()]  # a finished tar has the same bytes
+    for s in tqdm(mine, desc=f"shards r{get_rank()[0]}", disable=len(mine) < 2):
+        todo = entries[s * per : (s + 1) * per]
+        # Images are read while the tar is written, not held in memory.
+        samples = (
+            (e["key"], image_payload(by_key[e["source_key"]], filt[e["source_key"]]), e["ext"], e["caption"],
+             {k: e[k] for k in META_KEYS})
+            for e in todo
+        )  # fmt: skip
+        write_shard(out / names[s], samples)
+        written += len(todo)
+    record_timing(cfg.out, "shard", time.time() - t0, images=written)
+    if get_rank()[0] != 0:
+        return
+    wait_for_files([out / n for n in names], cfg.barrier_timeout_s, "the shard step of every rank")
     write_jsonl_atomic(manifest, entries)
-    logger.info("shard: %d samples in %d shards under %s", len(entries), (len(rows) + per - 1) // per, out)
-    record_timing(cfg.out, "shard", time.time() - t0, images=len(entries))
+    logger.info("shard: %d samples in %d shards under %s", len(entries), n_out, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -382,7 +382,7 @@ def overrides(src: Path, out: Path) -> list[str]:
         "--filter.num_workers=0", "--embed.backend=timm", "--embed.model=efficientnet_lite0",
         "--embed.weights=asset:efficientnet_lite0", "--embed.image_size=32", "--embed.batch_size=4",
         "--embed.num_workers=0", "--cluster.k=6", "--cluster.iterations=10", "--select.per_cluster=6",
-        "--shard.samples_per_shard=10", "--barrier_timeout_s=120",
+        "--captions.part_size=10", "--shard.samples_per_shard=10", "--barrier_timeout_s=120",
     ]  # fmt: skip
 
 
@@ -481,12 +481,12 @@ def test_shards_readable_by_webdataset_and_match_manifest(reference):
 
 
 def test_resume_after_sigkill_gives_identical_output(reference):
-    """SIGKILL after the first cached feature shard, re-run: the same bytes as the uninterrupted run."""
+    """SIGKILL after the first filtered (and embedded) input shard, re-run: the same bytes as the uninterrupted run."""
     root, _ = reference
     out = root / "killed"
     first = run_subprocess(root / "src", out, {"EVE_CURATION_KILL_AFTER_SHARDS": "1"})
     assert first.returncode == -9, first.stderr[-2000:]
-    assert len(list((out / "embed").glob("shard-*.npy"))) == 1 and not (out / "shards").exists()
+    assert len(list((out / "filter").glob("shard-*.jsonl"))) == 1 and not (out / "embed").exists()
     second = run_subprocess(root / "src", out)
     assert second.returncode == 0, second.stderr[-2000:]
     assert output_digest(out) == output_digest(root / "ref")
@@ -519,7 +519,9 @@ def test_rerun_with_changed_sources_is_an_error_not_stale_shards(reference, tmp_
 
 
 def test_two_ranks_give_the_same_output_as_one(reference):
-    """Two real processes with RANK/WORLD_SIZE split the input shards; rank 0 ends with the same bytes."""
+    """Two real processes with RANK/WORLD_SIZE split the input shards, the caption parts and the output
+    shards; the tars (keys, captions, image bytes, metadata) and the manifest are byte-identical to
+    one rank's."""
     root, _ = reference
     out = root / "ranks"
     env = {"WORLD_SIZE": "2"}
@@ -531,8 +533,9 @@ def test_two_ranks_give_the_same_output_as_one(reference):
     r0 = run_subprocess(root / "src", out, {**env, "RANK": "0"})
     _, err1 = p1.communicate(timeout=300)
     assert r0.returncode == 0 and p1.returncode == 0, (r0.stderr[-2000:], err1[-2000:])
-    timings = {p.name for p in (out / "report" / "timings").glob("embed.rank*.json")}
-    assert timings == {"embed.rank0.json", "embed.rank1.json"}
+    timings = {p.name: json.loads(p.read_text()) for p in (out / "report" / "timings").glob("*.rank1.json")}
+    for step in ("filter", "embed", "captions", "shard"):  # rank 1 did its share of each
+        assert timings[f"{step}.rank1.json"]["images"] > 0, step
     assert output_digest(out) == output_digest(root / "ref")
 
 
@@ -570,7 +573,7 @@ def test_resolution_filter_keeps_only_images_larger_than_min_side(tmp_path):
     for size in [(448, 600), (449, 449), (600, 448)]:
         path = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.new("RGB", size, (10, 20, 30)).save(path)
-        statuses[size] = check_image(Record(key=path.stem, source="t", path=str(path)), 448)["status"]
+        statuses[size] = check_image(Record(key=path.stem, source="t", path=str(path)), 448)[0]["status"]
     assert statuses == {(448, 600): "too_small", (449, 449): "ok", (600, 448): "too_small"}
 
 
@@ -636,3 +639,101 @@ def test_captions_that_drop_everything_fail_naming_the_step(tmp_path):
         run(cfg)
     assert "caption_unfinished: 2" in str(err.value) and "no_caption: 1" in str(err.value)
     assert isinstance(err.value, ValueError) and not (tmp_path / "out" / "shards").exists()
+
+
+# ---------------------------------------------------------------- decode once
+
+
+def decode_once_sources(folder: Path) -> None:
+    """Real easy-vqa PNGs plus JPEGs that DCT scaling shrinks (one EXIF-rotated, one truncated), a
+    duplicate and an image below min_side."""
+    from eve.assets import easy_vqa_dir
+
+    imgs = easy_vqa_dir("train") / "images"
+    folder.mkdir(parents=True)
+    for i in range(14):
+        shutil.copy(imgs / f"{i}.png", folder / f"{i:02d}.png")
+    for i in range(14, 18):  # 200 x 300 JPEGs: decoded at 1/4 scale for a 32 px embed input
+        Image.open(imgs / f"{i}.png").convert("RGB").resize((200, 300)).save(folder / f"{i}.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: a quarter turn, so the checked size is 300 x 200
+    Image.open(imgs / "18.png").convert("RGB").resize((200, 300)).save(folder / "18.jpg", exif=exif)
+    whole = (folder / "14.jpg").read_bytes()
+    (folder / "19.jpg").write_bytes(whole[: len(whole) // 2])  # truncated
+    shutil.copy(folder / "03.png", folder / "20.png")  # exact duplicate, in another input shard
+    Image.open(imgs / "21.png").resize((10, 10)).save(folder / "21.png")  # too small
+
+
+def test_filter_decodes_each_image_once_and_matches_decode_twice(tmp_path, monkeypatch):
+    """The filter's one decode gives the same rows, kept keys and features as a straightforward
+    reference that decodes every image twice (a full decode for the checks, then the embed input)."""
+    from data_curation import embed, filter
+    from data_curation.common import decode_image
+    from data_curation.embed import build_extractor, feature_paths, load_square
+    from data_curation.run import run
+
+    decodes: Counter = Counter()
+
+    def counting(data: bytes, where: str, draft_size: int | None = None):
+        decodes[where] += 1
+        return decode_image(data, where, draft_size)
+
+    monkeypatch.setattr(filter, "decode_image", counting)
+    monkeypatch.setattr(embed, "decode_image", counting)
+    folder = tmp_path / "src"
+    decode_once_sources(folder)
+    cfg, _ = parse_step_args(
+        [*tiny_overrides(folder, tmp_path / "out", 16), "--scan.shard_size=8", "--embed.batch_size=3",
+         "--embed.weights=asset:efficientnet_lite0", "--embed.precision=fp32"]
+    )  # fmt: skip
+    run(cfg, ["scan", "filter", "embed"])
+    files = sorted(folder.iterdir())
+    assert decodes == Counter({str(p): 1 for p in files})  # every file once; the embed step decodes none
+
+    # The reference: per input shard of 8 files, a full decode for the checks, dedup over shards,
+    # then a second decode (DCT-scaled, as the embed step did) of the kept images, in batches of 3.
+    ext, size = build_extractor(cfg.embed, torch.device("cpu"))
+    seen, want_rows, want_keys, want_feats = set(), [], [], []
+    for s in range(0, len(files), 8):
+        rows, kept = [], []
+        for p in files[s : s + 8]:
+            row = {"key": f"folder/{p.stem}"}
+            try:
+                img, fmt, mode, converted, _ = decode_image(p.read_bytes(), str(p))
+            except ValueError:
+                rows.append({**row, "status": "decode_error"})
+                continue
+            sha1 = hashlib.sha1(p.read_bytes()).hexdigest()
+            w, h = img.size
+            status = "ok" if min(w, h) > 16 else "too_small"
+            rows.append({**row, "status": status, "width": w, "height": h, "format": fmt, "mode": mode,
+                         "converted": converted, "sha1": sha1})  # fmt: skip
+            if status == "ok" and sha1 not in seen:
+                kept.append(p)
+            seen |= {sha1} if status == "ok" else set()
+        want_rows.append(rows)
+        want_keys += [f"folder/{p.stem}" for p in kept]
+        for a in range(0, len(kept), 3):
+            x = torch.stack([load_square(p.read_bytes(), str(p), size) for p in kept[a : a + 3]])
+            want_feats.append(ext(x).numpy().astype(np.float16))
+    got_rows = [
+        read_jsonl(tmp_path / "out" / "filter" / f"shard-{i:05d}.jsonl") for i in range(len(want_rows))
+    ]
+    assert got_rows == want_rows
+    by_key = {r["key"]: r for rows in got_rows for r in rows}
+    assert (by_key["folder/18"]["width"], by_key["folder/18"]["height"]) == (300, 200)
+    assert by_key["folder/19"]["status"] == "decode_error" and by_key["folder/21"]["status"] == "too_small"
+    got_keys, got_feats = [], []
+    for i in range(len(want_rows)):
+        kp, fp = feature_paths(tmp_path / "out", i)
+        got_keys += json.loads(kp.read_text())["keys"]
+        got_feats.append(np.load(fp))
+    assert got_keys == want_keys and "folder/20" not in got_keys  # the duplicate is not kept
+    # fp32 features cached as fp16 (values below 1): the one pass embeds the duplicate as well, so one
+    # batch holds other images than the reference's; a last-bit fp32 difference may round to the next
+    # fp16 value, at most 2**-11 apart below 1.
+    np.testing.assert_allclose(
+        np.concatenate(got_feats).astype(np.float32),
+        np.concatenate(want_feats).astype(np.float32),
+        atol=2**-11,
+    )
