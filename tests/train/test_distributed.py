@@ -226,3 +226,96 @@ def test_two_ranks_zero3_eve2_equal_one_rank(tmp_path):
 
     model = EveForCausalLM.from_pretrained(str(out / "export"))
     assert model.config.modality_split and hasattr(model.model.layers[0], "visual")
+
+
+def lora_config_file(tmp: Path, path: str) -> str:
+    """The comparison's SFT config with rank-4 adapters as the only trained parameters of the model."""
+    tree = yaml.safe_load(Path(path).read_text())
+    tree["lora"] = {"enabled": True, "r": 4, "alpha": 8.0}
+    # lr 1e-2, no warmup: the adapters (B = 0 at the start) move far enough in 4 steps to change the
+    # logits well above the export comparison's tolerance.
+    tree["optim"].update(lr=1e-2, warmup_ratio=0.0, frozen=["vision", "projector"])
+    return write_yaml(tmp / "sft_lora.yaml", tree)
+
+
+@pytest.fixture(scope="module")
+def lora_setup(sft_setup):
+    """The LoRA comparison: (tmp, config file, metrics of its one-process reference run in tmp/ref_lora)."""
+    tmp, path, _ = sft_setup
+    lora_path = lora_config_file(tmp, path)
+    return tmp, lora_path, reference_run(lora_path, tmp / "ref_lora")
+
+
+@torch.no_grad()
+def export_logits(export: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of an export loaded as a plain EveForCausalLM (no adapter in it) on the inputs."""
+    from eve import EveForCausalLM
+
+    model = EveForCausalLM.from_pretrained(str(export)).eval()
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    return model(**inputs).logits
+
+
+@pytest.mark.slow  # ~50 s: the default run keeps the EVEv2 and plain ZeRO-3 launches
+def test_two_ranks_zero3_lora_equal_one_rank(sft_setup, lora_setup):
+    """LoRA under ZeRO-3, 2 ranks == one plain process: the adapters shard like any other parameter,
+    and the export gathers them and merges them into the base weights (a plain EveForCausalLM)."""
+    from safetensors.torch import load_file
+
+    from eve import EveProcessor
+    from tests.train.synthetic import draw
+    from train.lora import ADAPTER_DIR
+
+    _, path, _ = sft_setup
+    tmp, lora_path, reference = lora_setup
+    out = tmp / "zero3_lora"
+    launch(torchrun(2), "train/sft.py", zero3_args(lora_path, out))
+    assert_same_losses(read_metrics(out), reference)
+
+    ref_export, export = tmp / "ref_lora" / "export", out / "export"
+    exported = load_file(str(export / "model.safetensors"))
+    assert sorted(exported) == sorted(load_file(str(ref_export / "model.safetensors")))
+    assert not any("lora" in k or "base_layer" in k for k in exported)
+    assert (export / ADAPTER_DIR / "adapter_model.safetensors").is_file()  # only the adapters trained
+    processor = EveProcessor.from_pretrained(str(ref_export))
+    inputs = processor([processor.build_prompt("What colour is the shape?", has_image=True)], [draw(5)[0]])
+    want = export_logits(ref_export, inputs)
+    init = Path(yaml.safe_load(Path(path).read_text())["model"]["init_path"])
+    assert (export_logits(init, inputs) - want).abs().max() > 0.5  # the adapters did change the model
+    # The runs' fp32 reduction orders differ (see assert_same_losses), and 4 AdamW steps carry that into
+    # the adapters (measured: 3e-5 of their largest entry); the logits (|x| < 1) then differ by ~4e-7.
+    # 1e-5 leaves a 25x margin and is 10^5 below the adapters' effect on them (~1).
+    torch.testing.assert_close(export_logits(export, inputs), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_zero2_lora(lora_setup):
+    """LoRA under the `deepspeed` launcher, 2 ranks, ZeRO-2: same losses, and the same merged export."""
+    from safetensors.torch import load_file
+
+    tmp, lora_path, reference = lora_setup
+    out = tmp / "zero2_lora"
+    launcher = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+    args = [
+        "--config",
+        lora_path,
+        "--train.deepspeed",
+        "configs/deepspeed/zero2.json",
+        "--train.output_dir",
+        str(out),
+    ]
+    launch(launcher, "train/sft.py", args)
+    assert_same_losses(read_metrics(out), reference)
+    got = load_file(str(out / "export" / "model.safetensors"))
+    want = load_file(str(tmp / "ref_lora" / "export" / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        # Merged weights W + 2 B A: only the adapters' reduction-order differences (see the ZeRO-3 test)
+        # reach them, scaled by |B A| << |W| (measured: 1e-7; |W| of the projections up to ~0.2).
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
