@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,25 @@ def test_lmms_eval_cli_scores_a_local_task_as_the_adapter_answers(loaded, tiny_c
         (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda r: r["doc_id"]
     )
     assert [r["filtered_resps"] for r in samples] == answers
+
+
+def test_easy_vqa_task_for_lmms_eval_holds_the_test_questions(tmp_path):
+    """The local lmms-eval task: the first N easy-vqa test questions with the evaluation's instruction,
+    their answers and existing image files; a task YAML naming that data."""
+    import yaml
+
+    from eve.assets import easy_vqa_dir
+    from eve.eval.benchmarks import SHORT_ANSWER_PROMPT
+    from eve.integrations.lmms_tasks import write_easy_vqa_task
+
+    path = write_easy_vqa_task(tmp_path, limit=5)
+    task = yaml.safe_load(path.read_text())
+    assert task["task"] == "easy_vqa_local" and task["output_type"] == "generate_until"
+    docs = json.loads(Path(task["dataset_kwargs"]["data_files"]["test"]).read_text())
+    first = json.loads((easy_vqa_dir("test") / "questions.json").read_text())[:5]
+    assert [(d["question"], d["answer"]) for d in docs] == [
+        (f"{q}\n{SHORT_ANSWER_PROMPT}", a) for q, a, _ in first
+    ]
+    assert all(
+        Path(d["image"]).is_file() and Path(d["image"]).stem == str(i) for d, (_, _, i) in zip(docs, first)
+    )
