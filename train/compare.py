@@ -38,6 +38,7 @@ from pathlib import Path
 from eve.console import setup_logging
 from train.compare_configs import run_compare_config
 from train.demo import REPO, Step, curate_argv, run_step
+from train.metrics import mean_tokens_per_s, read_metrics
 from train.rundir import EXPORT_MARKER
 
 logger = logging.getLogger(__name__)
@@ -173,13 +174,6 @@ def variant_steps(name: str, variant: Variant, run: Path, data: Path, sched: Sch
     ]
 
 
-def mean_tokens_per_s(metrics: Path) -> float | None:
-    """Mean training tokens/s over a stage's logged steps (the first, warm-up, step left out)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    values = [r["tokens_per_s"] for r in rows[1:] if "tokens_per_s" in r]
-    return sum(values) / len(values) if values else None
-
-
 def model_facts(export: Path) -> dict:
     """Parameters (total, trained in SFT = all but the frozen encoders) and image tokens of a 64-px
     easy-vqa image (counted in what the export's processor makes of one)."""
@@ -208,8 +202,8 @@ def summarize(name: str, variant: Variant, out: Path) -> dict:
         "n": result["n"],
         **{cat: r["accuracy"] for cat, r in result["per_category"].items()},
         **model_facts(out / "sft" / "export"),
-        "pretrain_tokens_per_s": mean_tokens_per_s(out / "pretrain" / "metrics.jsonl"),
-        "sft_tokens_per_s": mean_tokens_per_s(out / "sft" / "metrics.jsonl"),
+        "pretrain_tokens_per_s": mean_tokens_per_s(read_metrics(out / "pretrain")),
+        "sft_tokens_per_s": mean_tokens_per_s(read_metrics(out / "sft")),
     }
     timings = out / "timings.json"
     row["wall_s"] = round(sum(json.loads(timings.read_text()).values()), 1) if timings.is_file() else None

@@ -61,3 +61,9 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """The records of output_dir/metrics.jsonl."""
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def mean_tokens_per_s(rows: list[dict[str, Any]]) -> float | None:
+    """Mean training tokens/s of a stage's records, its first (warm-up) step left out; None if none."""
+    values = [r["tokens_per_s"] for r in rows[1:] if r.get("tokens_per_s") is not None]
+    return sum(values) / len(values) if values else None

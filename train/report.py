@@ -14,7 +14,6 @@ import base64
 import html
 import io
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 from eve.eval.runner import format_table
 from train.demo import PIPELINES
-from train.metrics import read_metrics
+from train.metrics import mean_tokens_per_s, read_metrics
 
 CSS = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -177,12 +176,6 @@ def plot_stage(rows: list[dict], title: str) -> str:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return png_uri(buf.getvalue())
-
-
-def mean_tokens_per_s(rows: list[dict]) -> float | None:
-    """The mean of a stage's logged tokens/s, None when it logged none."""
-    values = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") is not None]
-    return statistics.fmean(values) if values else None
 
 
 def total_seconds(timings: dict[str, float] | None) -> float | None:
