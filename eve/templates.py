@@ -17,6 +17,7 @@ follow the official EVE/LLaVA code (`conv_vicuna_v1`, `conv_eve_plain`, `preproc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -82,19 +83,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         image_sep="\n",
         keep_user_text=True,
     ),
-    "qwen2": ChatTemplate(
-        name="qwen2",
-        system=VICUNA_SYSTEM,
-        system_sep=" ",
-        user_prefix="USER: ",
-        user_suffix=" ",
-        assistant_prefix="ASSISTANT:",
-        answer_prefix=" ",
-        answer_suffix="<|im_end|>",
-        image_sep="\n",
-        keep_user_text=True,
-    ),
 }
+# EVEv2's layout is Vicuna's with Qwen2's end-of-turn token closing each answer.
+TEMPLATES["qwen2"] = dataclasses.replace(TEMPLATES["vicuna_v1"], name="qwen2", answer_suffix="<|im_end|>")
 
 
 def get_template(name: str | ChatTemplate) -> ChatTemplate:

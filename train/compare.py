@@ -29,15 +29,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eve.console import setup_logging
 from train.compare_configs import run_compare_config
-from train.demo import REPO, Step, curate_argv, run_step
+from train.demo import REPO, Step, curate_argv, run_step, run_steps
 from train.metrics import mean_tokens_per_s, read_metrics
 from train.rundir import EXPORT_MARKER
 
@@ -311,19 +309,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for name in names:
-        # Seconds per step, written as each step finishes (a re-run keeps those of earlier runs).
-        timings = run / name / "timings.json"
-        wall = json.loads(timings.read_text()) if timings.is_file() else {}
-        for step in variant_steps(name, VARIANTS[name], run, data, sched):
-            if step.done_marker.exists() and not args.force:
-                logger.info("== %s/%s: done already (%s)", name, step.name, step.done_marker)
-                continue
-            if args.force and step.output.exists():
-                shutil.rmtree(step.output)
-            t0 = time.time()
-            run_step(Step(f"{name}.{step.name}", step.argv, step.done_marker, step.output), run / "logs")
-            wall[step.name] = round(time.time() - t0, 1)
-            timings.write_text(json.dumps(wall))
+        steps = variant_steps(name, VARIANTS[name], run, data, sched)
+        run_steps(steps, run / "logs", run / name / "timings.json", args.force, label=f"{name}.")
         rows.append(summarize(name, VARIANTS[name], run / name))
 
     (run / "compare.json").write_text(json.dumps({"schedule": sched.__dict__, "rows": rows}, indent=2))

@@ -27,18 +27,17 @@ Writes `compare.md` and `compare.json` in `run_dir`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from train.demo import REPO, StageRow, Step, run_step
+from train.demo import REPO, StageRow, Step, run_steps
 from train.rundir import EXPORT_MARKER
 
 logger = logging.getLogger(__name__)
@@ -212,25 +211,13 @@ def run_compare_config(path: str | Path, names: list[str] | None = None, force: 
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; {config.path} has {', '.join(known)}")
     chosen = [known[n] for n in names] if names else list(config.variants)
-    run = config.run_dir.resolve()
+    config = dataclasses.replace(config, run_dir=config.run_dir.resolve())
+    run = config.run_dir
     (run / "logs").mkdir(parents=True, exist_ok=True)
-    config = CompareConfig(config.path, run, config.launcher, config.data, config.evaluation, config.variants)
     rows = []
     for variant in chosen:
-        timings = run / variant.name / "timings.json"
-        wall = json.loads(timings.read_text()) if timings.is_file() else {}
-        for step in variant_steps(config, variant):
-            if step.done_marker.exists() and not force:
-                logger.info("== %s/%s: done already (%s)", variant.name, step.name, step.done_marker)
-                continue
-            if force and step.output.is_dir():
-                shutil.rmtree(step.output)
-            t0 = time.time()
-            run_step(
-                Step(f"{variant.name}.{step.name}", step.argv, step.done_marker, step.output), run / "logs"
-            )
-            wall[step.name] = round(time.time() - t0, 1)
-            timings.write_text(json.dumps(wall))
+        steps = variant_steps(config, variant)
+        run_steps(steps, run / "logs", run / variant.name / "timings.json", force, label=f"{variant.name}.")
         rows.append(summarize(config, variant))
     (run / "compare.json").write_text(json.dumps({"config": str(config.path), "rows": rows}, indent=2))
     table = markdown_table(config, rows)

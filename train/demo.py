@@ -162,6 +162,31 @@ def run_step(step: Step, log_dir: Path) -> float:
     return time.time() - t0
 
 
+def run_steps(
+    steps: Sequence[Step], log_dir: Path, timings_file: Path, force: bool = False, label: str = ""
+) -> dict:
+    """Run each step that is not done yet (`force`: delete its output and redo it), logs in log_dir.
+
+    Seconds per step are kept in `timings_file` as each step finishes, so that a run continued after
+    an interruption still reports the steps an earlier invocation ran; returns them. `label` prefixes
+    the step names in logs (e.g. a compared variant's name)."""
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    for step in steps:
+        name = f"{label}{step.name}"
+        if step.done_marker.exists() and not force:
+            logger.info("== %s: done already (%s); --force redoes it", name, step.done_marker)
+            continue
+        if force and step.output.exists():
+            logger.info("== %s: --force: deleting %s", name, step.output)
+            if step.output.is_dir():
+                shutil.rmtree(step.output)
+            else:
+                step.output.unlink()
+        timings[step.name] = round(run_step(Step(name, step.argv, step.done_marker, step.output), log_dir), 1)
+        timings_file.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
 def plot_losses(run: Path, out: Path, stages: Sequence[str]) -> None:
     """One PNG with the loss curves (CE and aligning) of the training stages side by side."""
     import matplotlib
@@ -281,11 +306,6 @@ def main(argv: list[str] | None = None) -> None:
         [] if args.eval_limit is None else ["--limit", str(args.eval_limit)]
     )
 
-    # Seconds per step, kept in the run directory as each step finishes, so that a demo continued
-    # after an interruption still reports the steps an earlier invocation ran.
-    timings_file = run / "demo_timings.json"
-    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    timings.pop("total", None)
     seeded = ([], []) if args.seed is None else ([f"seed={args.seed}"], [f"train.seed={args.seed}"])
     steps = demo_steps(
         run,
@@ -295,15 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         seeded[1] + args.train_override,
         args.arch,
     )
-    for step in steps:
-        if step.done_marker.exists() and not args.force:
-            logger.info("== %s: done already (%s); --force redoes it", step.name, step.done_marker)
-            continue
-        if args.force and step.output.exists():
-            logger.info("== %s: --force: deleting %s", step.name, step.output)
-            shutil.rmtree(step.output)
-        timings[step.name] = round(run_step(step, log_dir), 1)
-        timings_file.write_text(json.dumps(timings, indent=1))
+    timings = run_steps(steps, log_dir, run / "demo_timings.json", args.force)
+    timings.pop("total", None)
     timings["total"] = round(sum(timings.get(s.name, 0.0) for s in steps), 1)
 
     plot_losses(run, run / "loss_curves.png", [row.name for row in PIPELINES[args.arch]])

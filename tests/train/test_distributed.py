@@ -51,6 +51,17 @@ def launch(launcher: list[str], script: str, args: list[str], timeout: int = 600
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def deepspeed_launcher(nproc: int) -> list[str]:
+    """The `deepspeed` launcher (it appends --local_rank) for nproc local ranks on a free port."""
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+    ]
+
+
 def torchrun(nproc: int) -> list[str]:
     # --standalone: a local rendezvous on a port the OS assigns (no probe-then-bind race).
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -138,13 +149,6 @@ def test_deepspeed_launcher_zero2(sft_setup):
     """The `deepspeed` launcher (it appends --local_rank), 2 ranks, ZeRO-2: same losses."""
     tmp, path, reference = sft_setup
     out = tmp / "zero2"
-    launcher = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     args = [
         "--config",
         str(path),
@@ -153,7 +157,7 @@ def test_deepspeed_launcher_zero2(sft_setup):
         "--train.output_dir",
         str(out),
     ]
-    launch(launcher, "train/sft.py", args)
+    launch(deepspeed_launcher(2), "train/sft.py", args)
     assert_same_losses(read_metrics(out), reference)
     assert (out / "export" / "model.safetensors").is_file()
 
@@ -295,13 +299,6 @@ def test_deepspeed_launcher_zero2_lora(lora_setup):
 
     tmp, lora_path, reference = lora_setup
     out = tmp / "zero2_lora"
-    launcher = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     args = [
         "--config",
         lora_path,
@@ -310,7 +307,7 @@ def test_deepspeed_launcher_zero2_lora(lora_setup):
         "--train.output_dir",
         str(out),
     ]
-    launch(launcher, "train/sft.py", args)
+    launch(deepspeed_launcher(2), "train/sft.py", args)
     assert_same_losses(read_metrics(out), reference)
     got = load_file(str(out / "export" / "model.safetensors"))
     want = load_file(str(tmp / "ref_lora" / "export" / "model.safetensors"))
