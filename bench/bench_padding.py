@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = STAGES[args.stage]
     torch.manual_seed(0)
     model = EveForCausalLM(EveConfig.from_preset("tiny"))
+    model.set_attn_implementation(config.model.attn_implementation)  # the shipped configs': sdpa_packed
     processor = EveProcessor.from_config(load_default_tokenizer(), model.config, stage.template)
     teachers = build_teachers(config.teachers)
     module = TrainModule(model, build_aligner(config, model, teachers)).train()

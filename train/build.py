@@ -196,6 +196,20 @@ def build_aligner(config: RunConfig, model: nn.Module, teachers: TeacherSet) -> 
     return PatchAligner(wanted)
 
 
+def compile_for_training(module: nn.Module) -> None:
+    """`torch.compile` in place, with dynamic shapes, every decoder layer and every aligning head.
+
+    Per layer rather than the whole model: the packed-attention plan, the image splice and the loss
+    pick rows by data, which would break one whole-model graph into many; the layers are where the
+    fusable work is. `nn.Module.compile` keeps parameters and state-dict keys as they are.
+    """
+    for layer in module.model.get_decoder().layers:
+        layer.compile(dynamic=True)
+    if module.aligner is not None:
+        for head in module.aligner.heads:
+            head.compile(dynamic=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 

@@ -44,6 +44,10 @@ class ModelConfig:
     sample, exact and fast on any device), "sdpa", "eager" or "flash_attention_2" (varlen on GPU)."""
     gradient_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (saves memory, costs ~30% time)."""
+    compile: bool = False
+    """`torch.compile` (dynamic shapes) each decoder layer and each aligning head for training; their
+    weights and state-dict keys are unchanged, so checkpoints and exports are the eager model's. The
+    first steps pay the compilation (about half a minute for the tiny model on 2 CPU cores)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision. "bfloat16": bf16 autocast over fp32 weights (plain loop) or DeepSpeed's bf16
     mode (bf16 weights, fp32 master copy in the optimizer); exports keep the training dtype."""

@@ -37,6 +37,7 @@ from train.build import (
     build_optimizer,
     build_train_loader,
     check_inputs,
+    compile_for_training,
     deepspeed_config,
     gradient_accumulation,
     total_steps,
@@ -259,6 +260,8 @@ def train(config: RunConfig) -> Path:
     module = TrainModule(model, aligner).to(dist_info.device)
     if config.model.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if config.model.compile:
+        compile_for_training(module)
     groups = module_groups(model, aligner)
     oc = config.optim
     param_groups = apply_stage(

@@ -43,6 +43,7 @@ MAY_CHANGE = (
     "train.allow_config_change",
     "train.output_dir",
     "model.gradient_checkpointing",
+    "model.compile",
     "export.",
 )
 """Settings (dotted prefixes) a resumed run may change: length, logging, saving, memory, export."""
