@@ -24,26 +24,36 @@ from eve import EveConfig, EveForCausalLM
 from eve.modality_layers import ModalityDecoderLayer, ModalityRouting
 
 
-def dense_routed(self, routing, x, names):
-    """The official formulation of ModalityDecoderLayer._routed: both branches on every token, mixed."""
-    text = self.text_modules()
-    if routing is None or not hasattr(self.visual, names[0]):
-        return [text[name](x) for name in names]
-    mask = torch.zeros(x.shape[:-1].numel(), 1, dtype=x.dtype, device=x.device)
-    mask[routing.image_rows] = 1
-    mask = mask.view(*x.shape[:-1], 1)
-    return [text[name](x) * (1 - mask) + getattr(self.visual, name)(x) * mask for name in names]
+class Mixed(torch.nn.Module):
+    """The official formulation of one split module: both branches on every token, mixed by the mask."""
+
+    def __init__(self, text: torch.nn.Module, visual: torch.nn.Module, mask: torch.Tensor):
+        super().__init__()
+        self.text, self.visual, self.mask = text, visual, mask  # mask: (B, T, 1), 1 at image tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.dtype)
+        return self.text(x) * (1 - m) + self.visual(x) * m
 
 
 @contextlib.contextmanager
-def dense_layers():
-    """Every ModalityDecoderLayer computes both branches for all tokens while inside."""
-    routed = ModalityDecoderLayer._routed
-    ModalityDecoderLayer._routed = dense_routed
+def dense_layers(image_mask: torch.Tensor):
+    """Inside, every ModalityDecoderLayer run without routing mixes both branches on all tokens."""
+    text_modules = ModalityDecoderLayer.text_modules
+    mask = image_mask[..., None]
+
+    def mixed(self):
+        text = text_modules(self)
+        return {
+            n: Mixed(m, self.visual.get_submodule(n), mask) if hasattr(self.visual, n) else m
+            for n, m in text.items()
+        }
+
+    ModalityDecoderLayer.text_modules = mixed
     try:
         yield
     finally:
-        ModalityDecoderLayer._routed = routed
+        ModalityDecoderLayer.text_modules = text_modules
 
 
 def packed_batch(tokens: int, image_share: float, sample_len: int, hidden: int, seed: int = 0):
@@ -105,23 +115,27 @@ def main() -> None:
         routing = ModalityRouting.from_mask(image_mask)
         with torch.no_grad(), autocast:
             routed_out = run(decoder, x, position_ids, routing, backward=False)
-            with dense_layers():
-                dense_out = run(decoder, x, position_ids, routing, backward=False)
+            with dense_layers(image_mask):
+                dense_out = run(decoder, x, position_ids, None, backward=False)
         diff = (routed_out.float() - dense_out.float()).abs().max().item()
         scale = dense_out.float().abs().max().item()
         assert diff <= 2e-2 * scale, f"routed and dense differ by {diff} (scale {scale})"
         flops = {}
-        for name, ctx in (("routed", contextlib.nullcontext), ("dense", dense_layers)):
+        variants = {
+            "routed": (contextlib.nullcontext, routing),
+            "dense": (lambda mask=image_mask: dense_layers(mask), None),
+        }
+        for name, (ctx, route) in variants.items():
             with ctx(), torch.no_grad(), autocast, FlopCounterMode(display=False) as counter:
-                run(decoder, x, position_ids, routing, backward=False)
+                run(decoder, x, position_ids, route, backward=False)
             flops[name] = counter.get_total_flops()
         times = {"routed": [], "dense": []}
         for rep in range(args.reps + 1):  # the first round warms up
-            for name, ctx in (("routed", contextlib.nullcontext), ("dense", dense_layers)):
+            for name, (ctx, route) in variants.items():
                 decoder.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 with ctx(), autocast:
-                    run(decoder, x, position_ids, routing, backward=True)
+                    run(decoder, x, position_ids, route, backward=True)
                 if rep:
                     times[name].append(time.perf_counter() - start)
         routed_t, dense_t = (statistics.median(times[k]) for k in ("routed", "dense"))

@@ -11,9 +11,11 @@ Attention itself is one joint causal attention over all tokens (queries, keys an
 modalities together, one KV cache); the embeddings, final norm and LM head are shared.
 
 The official code runs both branches on every token and mixes them with a 0/1 mask,
-`raw(x) * (1 - m) + visual(x) * m`. Here each token runs only its own branch: the rows of each modality
-are gathered (`ModalityRouting.split`), each branch runs on its rows, and one gather by the inverse
-permutation puts them back (`merge`). Same numbers, half the projection and MLP FLOPs. A batch without
+`raw(x) * (1 - m) + visual(x) * m`. Here each token runs only its own branch: the residual stream is
+permuted into text rows then image rows (`ModalityRouting.split`), each branch runs its norms,
+projections, MLP and residual adds on its own rows, and the gather by the inverse permutation puts
+tokens back in order (`merge`) only where attention needs them. Same numbers, half the projection and
+MLP FLOPs. A batch without
 image tokens (text-only prompts, every decoding step) has no routing: the layer is then the plain LLM layer.
 """
 
@@ -38,16 +40,34 @@ SPLIT_PARTS = {
 """modality_split entry -> the modules it copies (attribute names of `VisualCopies`)."""
 
 
+class _PermuteRows(torch.autograd.Function):
+    """Rows of a (N, ...) tensor in the order `index`; the backward is the gather by `inverse`.
+
+    autograd's own backward of `index_select` is an `index_add_` into zeros (a scatter), which on CPU
+    costs several times the gather; for a permutation the gather by the inverse is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 @dataclass(frozen=True)
 class ModalityRouting:
-    """Which tokens of a (B, T) batch are image tokens, as gather indices built once per forward."""
+    """Which tokens of a (B, T) batch are image tokens, as one permutation built once per forward."""
 
-    text_rows: torch.Tensor
-    """(N_t,) rows of the flattened (B*T) tokens that are text (padding included)."""
-    image_rows: torch.Tensor
-    """(N_v,) rows that are image tokens (CLS, patches, SPL)."""
+    order: torch.Tensor
+    """(B*T,) the flattened tokens' rows, text rows (padding included) first, then image rows."""
     inverse: torch.Tensor
-    """(B*T,) row of each token in cat([text rows, image rows])."""
+    """(B*T,) row of each token in `order`."""
+    n_text: int
+    """Number of text rows (the first n_text of `order`)."""
 
     @classmethod
     def from_mask(cls, image_mask: torch.Tensor) -> ModalityRouting | None:
@@ -60,16 +80,22 @@ class ModalityRouting:
         order = torch.cat([text_rows, image_rows])  # (B*T,) a permutation
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return cls(text_rows, image_rows, inverse)
+        return cls(order, inverse, text_rows.numel())
+
+    @property
+    def image_rows(self) -> torch.Tensor:
+        """(N_v,) rows of the flattened tokens that are image tokens (CLS, patches, SPL)."""
+        return self.order[self.n_text :]
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> text rows (N_t, D), image rows (N_v, D)."""
-        flat = x.flatten(0, 1)
-        return flat.index_select(0, self.text_rows), flat.index_select(0, self.image_rows)
+        """(B, T, D) -> text rows (N_t, D), image rows (N_v, D): one gather, two views."""
+        rows = _PermuteRows.apply(x.flatten(0, 1), self.order, self.inverse)
+        return rows[: self.n_text], rows[self.n_text :]
 
     def merge(self, text: torch.Tensor, image: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
         """Text rows (N_t, D') and image rows (N_v, D') back in token order: (B, T, D')."""
-        return torch.cat([text, image]).index_select(0, self.inverse).view(*batch_shape, -1)
+        rows = _PermuteRows.apply(torch.cat([text, image]), self.inverse, self.order)
+        return rows.view(*batch_shape, -1)
 
 
 class VisualCopies(nn.Module):
@@ -115,18 +141,9 @@ class ModalityDecoderLayer(GradientCheckpointingLayer):
             for target, source in zip(visual.parameters(), text[name].parameters()):
                 init.copy_(target, source)
 
-    def _routed(
-        self, routing: ModalityRouting | None, x: torch.Tensor, names: tuple[str, ...]
-    ) -> list[torch.Tensor]:
-        """Apply the modules `names` to x, each token through its modality's copy where one exists."""
-        text = self.text_modules()
-        if routing is None or not hasattr(self.visual, names[0]):
-            return [text[name](x) for name in names]
-        x_text, x_image = routing.split(x)  # one gather shared by the modules (q, k and v read the same rows)
-        return [
-            routing.merge(text[name](x_text), getattr(self.visual, name)(x_image), x.shape[:-1])
-            for name in names
-        ]
+    def visual_modules(self) -> dict[str, nn.Module]:
+        """The module image tokens go through for each name: the visual copy, or the LLM's if not split."""
+        return {name: getattr(self.visual, name, module) for name, module in self.text_modules().items()}
 
     def forward(
         self,
@@ -139,12 +156,27 @@ class ModalityDecoderLayer(GradientCheckpointingLayer):
         modality_routing: ModalityRouting | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D): the LLM layer's computation with routed norms, projections and MLP."""
+        """(B, T, D) -> (B, T, D): the LLM layer's computation, image tokens through their copies.
+
+        With image tokens the residual stream is split into text and image rows once, each branch
+        runs its norms, projections, residual adds and MLP on its own rows, and only the joint
+        attention sees the tokens in order: two splits and four merges per layer.
+        """
         route, attn = modality_routing, self.self_attn
-        residual = hidden_states
-        (x,) = self._routed(route, hidden_states, ("input_layernorm",))
-        q, k, v = self._routed(route, x, ("q_proj", "k_proj", "v_proj"))
-        batch_shape = x.shape[:-1]
+        batch_shape = hidden_states.shape[:-1]
+        if route is None:
+            branches = [(hidden_states, self.text_modules())]
+        else:
+            branches = list(zip(route.split(hidden_states), (self.text_modules(), self.visual_modules())))
+
+        def in_order(parts: list[torch.Tensor]) -> torch.Tensor:  # branch rows -> (B, T, D')
+            return parts[0].view(*batch_shape, -1) if route is None else route.merge(*parts, batch_shape)
+
+        projected = []
+        for h, modules in branches:
+            x = modules["input_layernorm"](h)
+            projected.append([modules[name](x) for name in ("q_proj", "k_proj", "v_proj")])
+        q, k, v = (in_order([p[i] for p in projected]) for i in range(3))
         q = q.view(*batch_shape, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(*batch_shape, -1, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         v = v.view(*batch_shape, -1, attn.head_dim).transpose(1, 2)
@@ -167,14 +199,13 @@ class ModalityDecoderLayer(GradientCheckpointingLayer):
             position_ids=position_ids,  # flash-attn varlen finds packed samples from restarting positions
             **kwargs,
         )  # (B, T, H, hd)
-        out = out.reshape(*batch_shape, -1).contiguous()
-        (out,) = self._routed(route, out, ("o_proj",))
-        hidden_states = residual + out
-
-        residual = hidden_states
-        (x,) = self._routed(route, hidden_states, ("post_attention_layernorm",))
-        (x,) = self._routed(route, x, ("mlp",))
-        return residual + x
+        out = out.reshape(*batch_shape, -1)
+        outs = [out] if route is None else route.split(out)
+        results = []
+        for (h, modules), o in zip(branches, outs):
+            h = h + modules["o_proj"](o)
+            results.append(h + modules["mlp"](modules["post_attention_layernorm"](h)))
+        return in_order(results)
 
 
 def split_decoder_layers(decoder: nn.Module, parts: list[str]) -> None:

@@ -1,6 +1,7 @@
 """EVEv2 against independent references: the official dense mixing formula, transformers' Qwen2, plain convs."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,12 +86,13 @@ def dense_reference_logits(model: EveForCausalLM, batch: dict) -> torch.Tensor:
         half = torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], dim=-1)
         return x * angles.cos() + half * angles.sin()
 
-    def mix(raw, visual, x):
-        return raw(x) * (1 - m) + visual(x) * m
+    def mix(raw, visual, x):  # a part that is not split has no visual copy: the LLM's module for all
+        return raw(x) if visual is None else raw(x) * (1 - m) + visual(x) * m
 
     h = embeds
     for layer in model.model.layers:
-        a, v = layer.self_attn, layer.visual
+        a = layer.self_attn
+        v = SimpleNamespace(**{n: getattr(layer.visual, n, None) for n in VISUAL_NAMES})
         x = mix(layer.input_layernorm, v.input_layernorm, h)
         q = mix(a.q_proj, v.q_proj, x).view(b, t, -1, hd).transpose(1, 2)
         k = mix(a.k_proj, v.k_proj, x).view(b, t, -1, hd).transpose(1, 2)
@@ -104,10 +106,14 @@ def dense_reference_logits(model: EveForCausalLM, batch: dict) -> torch.Tensor:
     return model.lm_head(model.model.norm(h))
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "packed_checkpointed"])
+VISUAL_NAMES = ("input_layernorm", "post_attention_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed_checkpointed", "packed_mlp_split_only"])
 def test_sparse_layers_equal_the_dense_official_formula(layout):
     """Routed layers == the dense masked mix, forward and gradients of both branches (sdpa_packed backend)."""
-    model = tiny_eve2(attn_implementation="sdpa_packed")
+    split = {"modality_split": ["mlp"]} if layout == "packed_mlp_split_only" else {}
+    model = tiny_eve2(attn_implementation="sdpa_packed", **split)
     cfg = model.config
     if layout == "padded":
         samples = [
@@ -136,14 +142,13 @@ def test_sparse_layers_equal_the_dense_official_formula(layout):
     torch.testing.assert_close(ours[keep], ref[keep], atol=ATOL, rtol=0)
     grads, ref_grads = loss_and_grads(ours), loss_and_grads(ref)
     assert grads.keys() == ref_grads.keys()
-    for part in (
-        "visual.q_proj.weight",
-        "visual.mlp.down_proj.weight",
-        "visual.input_layernorm.weight",
-        "self_attn.k_proj.bias",
-        "mlp.up_proj.weight",
-        "post_attention_layernorm.weight",
-    ):
+    parts = ["visual.mlp.down_proj.weight", "self_attn.k_proj.bias", "mlp.up_proj.weight"]
+    parts += ["post_attention_layernorm.weight"]
+    if not split:
+        parts += ["visual.q_proj.weight", "visual.input_layernorm.weight"]
+    else:
+        assert not any(".visual.q_proj" in n or ".visual.input_layernorm" in n for n in grads)
+    for part in parts:
         assert f"model.layers.0.{part}" in grads  # both branches, every split part, get gradients
     assert "vision_tower.conv.weight" in grads and "vision_tower.split_embedding" in grads
     for name in grads:
