@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,46 @@ def print_summary(summary: dict) -> None:
     print("\nstep      minutes" + "".join(f"\n{k:<9}{v / 60:8.1f}" for k, v in timings.items()))
 
 
+def machine() -> str:
+    """The CPU model and core count, for the runs table (timings mean little without them)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def runs_table(runs: Sequence[Path]) -> str:
+    """A markdown table of finished demo runs (their demo_summary.json): accuracy by category, minutes."""
+    lines = [
+        "| run | overall | colour | shape | yes/no | chat | minutes | machine | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        path = Path(run) / "demo_summary.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: is {run} a finished `python -m train.demo` run?")
+        summary = json.loads(path.read_text())
+        result = summary["easy_vqa"]
+        cats = [result["per_category"].get(c, {}).get("accuracy") for c in ("colour", "shape", "yes/no")]
+        pct = " | ".join(f"{100 * a:.1f}%" if a is not None else "" for a in [result["accuracy"], *cats])
+        check = summary.get("chat_check", {})
+        chat = f"{check.get('right', '')}/{check.get('n', '')}"
+        minutes = summary["timings_s"].get("total", 0.0) / 60
+        threads = summary.get("threads") or "default"
+        command = summary.get("command", "")
+        lines.append(
+            f"| {Path(run).name} (seed {summary['seed']}, {threads} threads) | {pct} | {chat} | "
+            f"{minutes:.1f} | {summary.get('machine', '')} | `{command}` |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m train.demo [--run-dir runs/demo] [--no-align] [--force]`."""
     setup_logging()
@@ -296,7 +337,16 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="setting for all three stages, e.g. train.max_steps=2 (repeatable)",
     )
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="RUN",
+        help="print a markdown table of these finished runs (their demo_summary.json) and exit",
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(runs_table([Path(r) for r in args.table]))
+        return
 
     run = Path(args.run_dir).resolve()
     log_dir = run / "logs"
@@ -329,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
         "chat_check": chat_check(run),
         "align": not args.no_align,
         "arch": args.arch,
+        "machine": machine(),
+        "command": " ".join(
+            [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
+            + ["python -m train.demo", *(argv if argv is not None else sys.argv[1:])]
+        ),
     }
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + show_answers(run))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e import SMALL_CURATION
-from train.demo import main
+from train.demo import main, runs_table
 
 SMALL = [
     "--eval-limit",
@@ -58,6 +58,11 @@ def test_demo_end_to_end_writes_an_evaluation(tmp_path):
     # The plain-question check went through the chat entry point: 5 images x (colour, shape).
     assert summary["chat_check"]["n"] == 10 and len(summary["chat_check"]["answers"]) == 10
     assert summary["easy_vqa"]["n"] == 12 and summary["align"] is True
+    # The runs table (`--table`) reads the summary: this run's accuracy, minutes and its command.
+    assert f"python -m train.demo --run-dir {run}" in summary["command"] and "cores" in summary["machine"]
+    row = runs_table([run]).splitlines()[2]
+    assert f"| {100 * result['accuracy']:.1f}% |" in row and f"`{summary['command']}`" in row
+    assert f"| {summary['timings_s']['total'] / 60:.1f} |" in row
     with Image.open(run / "loss_curves.png") as img:
         assert img.size[0] > img.size[1] > 100
     assert 'id="evaluation"' in (run / "report.html").read_text()  # the report, written last
