@@ -1,17 +1,19 @@
 """Computed padding: a batch's packed rows as they are (a padded tail on the last) vs end to end in one row.
 
-    python bench/bench_padding.py [--stage stage2|sft] [--steps 8] [--threads 2]
+    python bench/bench_padding.py [--stage stage2|sft] [--steps 8] [--threads 2] [--compile]
 
 The demo's own micro-batches (32 samples: stage 2 captions from runs/demo/data/curated/shards, or
 SFT conversations from runs/demo/data/sft_easy_vqa.json; `make curate` writes both), collated both
 ways with the "sdpa_packed" backend, and the engine's `train_step` (teacher forward, model
 forward/backward, aligning loss, AdamW) timed on each, alternating, so that machine noise hits both
-alike. Prints tokens computed per step (real and padding) and the time ratio.
+alike. Prints tokens computed per step (real and padding) and the time ratio; `--compile` adds the
+one row under `model.compile` (its compilation done on the same batches before the timing).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import os
 import sys
@@ -28,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from eve import EveConfig, EveForCausalLM, EveProcessor  # noqa: E402
 from eve.assets import load_default_tokenizer  # noqa: E402
-from train.build import build_aligner, build_train_loader  # noqa: E402
+from train.build import build_aligner, build_train_loader, compile_for_training  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.distributed import DistInfo  # noqa: E402
 from train.engine import Trainer, TrainModule, endless  # noqa: E402
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", choices=("stage2", "sft"), default="stage2")
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time one row with model.compile")
     parser.add_argument("--data", default=str(DATA), help="the demo's data folder (`make curate`)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,18 +85,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train_step([rows[0]])  # warm-up of both shapes
     trainer.train_step([one_row[0]])
-    times = {"rows": [], "one row": []}
-    for a, b in zip(rows[1:], one_row[1:]):
-        for name, batch in (("rows", a), ("one row", b)):
+    kinds = {"rows": (trainer, rows), "one row": (trainer, one_row)}
+    if args.compile:  # a copy of the same module, compiled; its graphs built on all batches first
+        compiled = copy.deepcopy(module)
+        compile_for_training(compiled)
+        opt = torch.optim.AdamW([p for p in compiled.parameters() if p.requires_grad], lr=1e-4)
+        compiled_trainer = Trainer(
+            compiled, opt, teachers, dist_info, grad_clip=1.0, pad_token_id=processor.pad_token_id, bf16=True
+        )
+        for batch in one_row:
+            compiled_trainer.train_step([batch])
+        kinds["one row, compiled"] = (compiled_trainer, one_row)
+    times = {name: [] for name in kinds}
+    for i in range(1, args.steps + 1):
+        for name, (runner, batches) in kinds.items():
             t0 = time.perf_counter()
-            trainer.train_step([batch])
+            runner.train_step([batches[i]])
             times[name].append(time.perf_counter() - t0)
     real = np.mean([int((b["labels"] != -100).sum()) for b in one_row])
     for name, batch_list in (("rows", rows), ("one row", one_row)):
         shape = np.mean([b["input_ids"].numel() for b in batch_list])
         print(f"{name:8} {shape:7.0f} tokens computed per step, {np.median(times[name]):.3f} s/step (median)")
     print(f"supervised tokens per step: {real:.0f}")
-    print(f"one row / rows: {np.median(times['one row']) / np.median(times['rows']):.2f}x the step time")
+    for name in list(kinds)[1:]:
+        ratio = np.median(times["rows"]) / np.median(times[name])
+        print(f"{name} vs rows: {ratio:.2f}x the tokens/s (the same samples per step)")
+    if args.compile:
+        print(f"one row, compiled: {np.median(times['one row, compiled']):.3f} s/step (median)")
 
 
 if __name__ == "__main__":
