@@ -6,7 +6,7 @@ On a CPU machine (about a minute on 2 cores): the same code at toy sizes; figure
 GPU-only parts skipped with the reason:
     OMP_NUM_THREADS=1 python bench/gpu_check.py [--only a,c,d]
 
-Sections (--only a,b,c,d; each prints one line, all end in a markdown table and in --out as JSON):
+Sections (--only a,b,c,d,e; each prints one line, all end in a markdown table and in --out as JSON):
  a  flash-attn varlen vs "sdpa_packed" (eve/attention.py) on the same packed stage-2 batch of the
     ~1B proxy (b), bf16 weights: forward+backward ms, loss and gradients of each; PASS when the losses
     agree within LOSS_RTOL (and the gradients within GRAD_RTOL: at random initialisation the loss
@@ -29,6 +29,9 @@ Sections (--only a,b,c,d; each prints one line, all end in a markdown table and 
     configs/curation/laion.yaml embedder (EVA02-L-14, 224 px) and of CLIP ViT-L/14-336 (336 px),
     random weights, batch 256, the pipeline's precision (fp16 autocast on GPU), decoding excluded.
     Without CUDA: the embedded efficientnet-lite0 of configs/curation/embedded.yaml on a toy batch.
+ e  (a) on an EVEv2 model (GPU_EVE2: the eve2-7b preset's patch embedding and per-modality layers,
+    Qwen2-shaped, hidden 1536, 8 layers): the routed layers pass `position_ids` to flash-attn's
+    varlen path; the toy stand-in is the tiny-eve2 preset.
 A section that fails records its error and the others still run; --out is rewritten after each one.
 """
 
@@ -221,6 +224,21 @@ TOY = ProxyShape(
     timed_steps=1,
 )
 
+GPU_EVE2 = replace(
+    GPU_PROXY,
+    name="~0.5B EVEv2 proxy",
+    preset="eve2-7b",  # EVEv2's patch embedding, every part split per modality, Qwen2 layers
+    llm=dict(
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),
+)
+TOY_EVE2 = replace(TOY, name="tiny-eve2 preset", preset="tiny-eve2")
+
 ASPECTS = ((1, 1), (3, 4), (4, 3), (9, 16), (16, 9), (1, 2), (2, 1), (2, 3), (3, 2))
 """(height, width) ratios of the synthetic images; the long side is the model's max_image_size."""
 WORDS = (
@@ -407,12 +425,22 @@ def compare_attention(model: torch.nn.Module, batch: dict, backends: tuple[str, 
 
 def section_a(machine: Machine, args: argparse.Namespace, tmp: Path) -> Section:
     """flash-attn varlen vs sdpa_packed on one packed batch; else sdpa vs sdpa_packed at toy size."""
+    return attention_section(machine, tmp, GPU_PROXY, TOY, "a")
+
+
+def section_e(machine: Machine, args: argparse.Namespace, tmp: Path) -> Section:
+    """(a) on an EVEv2 model: the routed per-modality layers under flash-attn varlen vs sdpa_packed."""
+    return attention_section(machine, tmp, GPU_EVE2, TOY_EVE2, "e")
+
+
+def attention_section(machine: Machine, tmp: Path, gpu: ProxyShape, toy: ProxyShape, key: str) -> Section:
+    """Two attention backends on one packed batch of the shape's model: losses, gradients, speed."""
     from train.engine import _to_device
 
     sec = Section()
     sec.skipped = [r for r in (machine.why_no_gpu, flash_attn_missing()) if r]
     measured = not sec.skipped
-    shape = GPU_PROXY if measured else TOY
+    shape = gpu if measured else toy
     a, b = ("sdpa_packed", "flash_attention_2") if measured else ("sdpa_packed", "sdpa")
     setup = build_stage2(shape, tmp, 1, a, machine.device, teacher=False)
     model = setup.model.to(torch.bfloat16).train()
@@ -443,14 +471,14 @@ def section_a(machine: Machine, args: argparse.Namespace, tmp: Path) -> Section:
     if measured:
         speed = result[a]["ms"] / result[b]["ms"]
         sec.figures = [Figure(f"fwd+bwd speed, {pair}", speed, "x", machine.name, "ok"), *checks]
-        sec.line = f"(a) {shape.name}: {summary}"
+        sec.line = f"({key}) {shape.name}: {summary}"
     else:
         reason = "; ".join(sec.skipped)
         sec.figures = [
             Figure("flash-attn varlen vs sdpa_packed", None, "", machine.name, "skipped", reason),
             *checks,
         ]
-        sec.line = f"(a) skipped: {reason}. Toy stand-in: {summary}"
+        sec.line = f"({key}) skipped: {reason}. Toy stand-in ({shape.name}): {summary}"
     return sec
 
 
@@ -771,6 +799,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Machine, argparse.Namespace, Path], Sec
     "b": ("stage-2 training throughput", section_b),
     "c": ("FAISS K-means", section_c),
     "d": ("curation feature extraction", section_d),
+    "e": ("EVEv2 layers: flash-attn varlen vs sdpa_packed", section_e),
 }
 
 
@@ -840,7 +869,7 @@ def main(argv: list[str] | None = None) -> list[Section]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", default="a,b,c,d", help="comma-separated sections to run (default: a,b,c,d)"
+        "--only", default="a,b,c,d,e", help="comma-separated sections to run (default: a,b,c,d,e)"
     )
     parser.add_argument(
         "--out", type=Path, help="JSON file for all figures (e.g. bench_gpu.json); none if unset"
