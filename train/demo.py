@@ -371,19 +371,18 @@ def main(argv: list[str] | None = None) -> None:
 
     plot_losses(run, run / "loss_curves.png", [row.name for row in PIPELINES[args.arch]])
     result = json.loads((run / "eval" / "easy_vqa.json").read_text())
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = [f"OMP_NUM_THREADS={threads}"] if threads else []  # the command as run, to redo it
     summary = {
         "seed": args.seed or 0,
-        "threads": os.environ.get("OMP_NUM_THREADS"),
+        "threads": threads,
         "timings_s": timings,
         "easy_vqa": result,
         "chat_check": chat_check(run),
         "align": not args.no_align,
         "arch": args.arch,
         "machine": machine(),
-        "command": " ".join(
-            [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] * ("OMP_NUM_THREADS" in os.environ)
-            + ["python -m train.demo", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": " ".join([*prefix, "python -m train.demo", *(argv if argv is not None else sys.argv[1:])]),
     }
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + show_answers(run))
