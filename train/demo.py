@@ -144,33 +144,49 @@ def demo_steps(
     ]
 
 
-def run_step(step: Step, log_dir: Path) -> float:
-    """Run one step, its output teed to log_dir/name.log; seconds taken. Fails loudly with the log path."""
+def run_step(step: Step, log_dir: Path, env: dict | None = None, echo: bool = True) -> float:
+    """Run one step, its output written to log_dir/name.log (and to stdout if `echo`); seconds taken.
+    `env`: variables set for the step on top of this process's. Fails loudly with the log path."""
     log_path = log_dir / f"{step.name}.log"
     logger.info("== %s: %s", step.name, " ".join(step.argv))
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            step.argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            step.argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env} if env else None,
         )
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            sys.stdout.write(line)
+            if echo:
+                sys.stdout.write(line)
         code = proc.wait()
     if code != 0:
         raise SystemExit(f"demo step {step.name!r} failed (exit {code}); its log is {log_path}")
-    return time.time() - t0
+    seconds = time.time() - t0
+    if not echo:
+        logger.info("== %s: done in %.1f min (log %s)", step.name, seconds / 60, log_path)
+    return seconds
 
 
 def run_steps(
-    steps: Sequence[Step], log_dir: Path, timings_file: Path, force: bool = False, label: str = ""
+    steps: Sequence[Step],
+    log_dir: Path,
+    timings_file: Path,
+    force: bool = False,
+    label: str = "",
+    env: dict | None = None,
+    echo: bool = True,
 ) -> dict:
     """Run each step that is not done yet (`force`: delete its output and redo it), logs in log_dir.
 
     Seconds per step are kept in `timings_file` as each step finishes, so that a run continued after
     an interruption still reports the steps an earlier invocation ran; returns them. `label` prefixes
-    the step names in logs (e.g. a compared variant's name)."""
+    the step names in logs (e.g. a compared variant's name); `env` and `echo` go to `run_step`."""
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for step in steps:
         name = f"{label}{step.name}"
@@ -183,7 +199,8 @@ def run_steps(
                 shutil.rmtree(step.output)
             else:
                 step.output.unlink()
-        timings[step.name] = round(run_step(Step(name, step.argv, step.done_marker, step.output), log_dir), 1)
+        seconds = run_step(Step(name, step.argv, step.done_marker, step.output), log_dir, env, echo)
+        timings[step.name] = round(seconds, 1)
         timings_file.write_text(json.dumps(timings, indent=1))
     return timings
 
